@@ -1,0 +1,56 @@
+"""pixart_jax: PixArt-Sigma in JAX / Flax NNX."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "grain>=0.2.18",
+    "array_record>=0.8.1",
+    "ml_collections>=1.1.0",
+    "absl-py>=2.1",
+    "einops>=0.8",
+    "numpy>=1.26",
+    "safetensors>=0.4.3",
+    "ml_dtypes>=0.5",
+    "pillow>=10.0",
+    "tqdm>=4.66",
+    "huggingface_hub>=0.24",
+    "transformers>=4.44",   # tokenizer classes only (no torch needed)
+    "sentencepiece>=0.2",
+    "tensorboardX>=2.6",
+    "scikit-learn>=1.4",    # the embedded demo's dataset and classifier
+]
+
+EXTRAS = {
+    # PyTorch references for the parity tests. Pin torch: an unpinned torch pulls a CUDA build.
+    "test": [
+        "pytest>=8.0",
+        "pytest-xdist>=3.5",
+        "torch==2.13.0",
+        "diffusers>=0.30",
+        "came-pytorch>=0.1.3",
+        "nbclient>=0.10",
+        "nbformat>=5.10",
+        "ipykernel>=6.29",
+    ],
+    "tpu": ["jax[tpu]>=0.10.2"],
+    "gpu": ["jax[cuda12]>=0.10.2"],
+}
+
+setup(
+    name="pixart_jax",
+    version="0.1.0",
+    description="PixArt-Sigma (diffusion transformer, up to 4K) in JAX / Flax NNX for TPU pods",
+    packages=find_packages(include=["pixart_jax", "pixart_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            f"pixart-{name}=pixart_jax.{name}:run"
+            for name in ("demo", "prepare", "train", "sample", "convert", "plan")
+        ]
+    },
+)
