@@ -1,0 +1,1 @@
+"""pixart_jax: PixArt-Sigma in JAX / Flax NNX."""

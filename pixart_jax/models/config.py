@@ -1,0 +1,123 @@
+"""Architecture presets for PixArt-Sigma (and the PixArt-alpha 1024 layout).
+
+`DiTConfig` describes an architecture only; experiments (ml_collections) pick a preset by name and override a
+few fields once, at the edge. Numbers follow the spec (section 2, 3, 8.3).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+KVMode = Literal["conv", "ave", "uniform"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  """A PixArt-Sigma diffusion transformer.
+
+  sample_size: latent side of the training resolution (image_size // 8); base_size = sample_size // patch_size.
+  interpolation_scale: the PE interpolation (official `pe_interpolation`, diffusers `interpolation_scale`).
+  kv_compress_layers / kv_compress_ratio / kv_compress_mode: KV token compression (spec section 3).
+  """
+
+  depth: int = 28
+  hidden_size: int = 1152
+  num_heads: int = 16
+  patch_size: int = 2
+  mlp_ratio: float = 4.0
+  in_channels: int = 4
+  learn_sigma: bool = True
+  caption_channels: int = 4096
+  max_caption_len: int = 300
+  sample_size: int = 128
+  interpolation_scale: float = 2.0
+  micro_conditions: bool = False
+  qk_norm: bool = False
+  kv_compress_layers: tuple[int, ...] = ()
+  kv_compress_ratio: int = 2
+  kv_compress_mode: KVMode = "conv"
+  norm_eps: float = 1e-6
+  class_dropout_prob: float = 0.1
+  # Which image-size table the checkpoint was trained on (data.buckets names); informational for sampling.
+  image_size: int = 1024
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+    bad = [i for i in self.kv_compress_layers if not 0 <= i < self.depth]
+    if bad:
+      raise ValueError(f"kv_compress_layers {bad} outside [0, {self.depth})")
+    if self.kv_compress_mode not in ("conv", "ave", "uniform"):
+      raise ValueError(f"kv_compress_mode must be conv, ave or uniform, got {self.kv_compress_mode!r}")
+    if self.kv_compress_layers and self.kv_compress_ratio < 2:
+      raise ValueError("kv_compress_ratio must be >= 2 when kv_compress_layers is set")
+    if self.micro_conditions and self.hidden_size % 3:
+      raise ValueError("micro_conditions need hidden_size divisible by 3")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def out_channels(self) -> int:
+    return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+  @property
+  def mlp_hidden(self) -> int:
+    return int(self.hidden_size * self.mlp_ratio)
+
+  @property
+  def base_size(self) -> int:
+    return self.sample_size // self.patch_size
+
+  def replace(self, **kw) -> "DiTConfig":
+    return dataclasses.replace(self, **kw)
+
+  def kv_ratio(self, layer: int) -> int:
+    return self.kv_compress_ratio if layer in self.kv_compress_layers else 1
+
+  def stages(self) -> list[tuple[int, int, int]]:
+    """Runs of consecutive blocks with the same KV ratio: [(start, count, ratio)], scanned one run at a time."""
+    out: list[tuple[int, int, int]] = []
+    for i in range(self.depth):
+      r = self.kv_ratio(i)
+      if out and out[-1][2] == r:
+        s, c, _ = out[-1]
+        out[-1] = (s, c + 1, r)
+      else:
+        out.append((i, 1, r))
+    return out
+
+
+_XL2 = dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2)
+KV_DEEP_HALF = tuple(range(14, 28))
+
+PRESETS: dict[str, DiTConfig] = {
+    # PixArt-Sigma XL/2, released checkpoints (spec 8.3).
+    "sigma-xl2-256": DiTConfig(**_XL2, sample_size=32, interpolation_scale=0.5, image_size=256),
+    "sigma-xl2-512-ms": DiTConfig(**_XL2, sample_size=64, interpolation_scale=1.0, image_size=512),
+    "sigma-xl2-1024-ms": DiTConfig(**_XL2, sample_size=128, interpolation_scale=2.0, image_size=1024),
+    "sigma-xl2-2k-ms": DiTConfig(**_XL2, sample_size=256, interpolation_scale=4.0, image_size=2048),
+    # 4K: not released. Our choice: sample_size 512 (4096 px), pe_interpolation = 4096 / 512 = 8 (the
+    # official rule image_size / 512), KV compression on the deep half as in the official KV configs.
+    "sigma-xl2-4k": DiTConfig(**_XL2, sample_size=512, interpolation_scale=8.0, image_size=4096,
+                              kv_compress_layers=KV_DEEP_HALF),
+    # KV-compressed fine-tune layouts (official *_kvcompress configs).
+    "sigma-xl2-1024-ms-kv": DiTConfig(**_XL2, sample_size=128, interpolation_scale=2.0, image_size=1024,
+                                      kv_compress_layers=KV_DEEP_HALF),
+    "sigma-xl2-2k-ms-kv": DiTConfig(**_XL2, sample_size=256, interpolation_scale=4.0, image_size=2048,
+                                    kv_compress_layers=KV_DEEP_HALF),
+    # PixArt-alpha 1024-MS layout: micro-conditions on, 120-token captions (alpha checkpoints for weak-to-strong).
+    "alpha-xl2-1024-ms": DiTConfig(**_XL2, sample_size=128, interpolation_scale=2.0, image_size=1024,
+                                   micro_conditions=True, max_caption_len=120),
+    # Tiny model for tests and the CPU demo.
+    "tiny": DiTConfig(depth=2, hidden_size=48, num_heads=4, patch_size=2, caption_channels=32,
+                      max_caption_len=16, sample_size=8, interpolation_scale=1.0, image_size=64),
+}
+
+
+def get_preset(name: str, **overrides) -> DiTConfig:
+  """Returns a preset by name, with field overrides."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown DiT preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
