@@ -138,7 +138,8 @@ def load_transformer(src: str | os.PathLike, *, config: DiTConfig | str | None =
                      progress: bool = False) -> PixArtSigma:
   """Loads PixArt-Sigma weights into our NNX model.
 
-  src: diffusers `transformer/` dir, a pipeline dir, an official `.pth`, or a Hub id (needs network).
+  src: diffusers `transformer/` dir, a pipeline dir, an official `.pth`, an Orbax dir written by
+    `python -m pixart_jax.convert`, or a Hub id (needs network).
   config: DiTConfig or preset name; required for a `.pth` whose file name does not identify the checkpoint.
   mesh: when given, parameters are placed directly into their shardings (`rules` maps logical axes).
   allow_missing: documented non-strict rule for weak-to-strong loading, e.g. new KV-compression layers
@@ -146,6 +147,11 @@ def load_transformer(src: str | os.PathLike, *, config: DiTConfig | str | None =
   """
   if isinstance(config, str):
     config = PRESETS[config]
+  from pixart_jax.convert import orbax_io
+
+  if orbax_io.is_orbax_dir(src):
+    return orbax_io.load_transformer_orbax(src, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules,
+                                           remat=remat, scan=scan)
   local = resolve_local(src, allow_patterns=["transformer/*", "*.json", "*.safetensors", "*.pth"])
   if local.is_file() and local.suffix in _TORCH_SUFFIXES:
     cfg = config or _preset_from_filename(local.name)

@@ -1,0 +1,49 @@
+"""Convert PixArt-Sigma transformer weights between formats.
+
+  # official .pth / diffusers dir / pipeline dir / Hub id  ->  Orbax (fast reload, mesh-aware restore)
+  python -m pixart_jax.convert --source PixArt-Sigma-XL-2-1024-MS.pth --out ckpt/sigma_1024
+  python -m pixart_jax.convert --source PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --out ckpt/sigma_1024
+  # Orbax (e.g. a fine-tune) or any loadable source  ->  a diffusers transformer/ directory
+  python -m pixart_jax.convert --source ckpt/sigma_1024 --out export/transformer --to diffusers
+"""
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("source", None, "A .pth, a diffusers transformer/ or pipeline directory, a Hub id, or an Orbax "
+                    "directory written by this tool.", required=True)
+flags.DEFINE_string("out", None, "Output directory.", required=True)
+flags.DEFINE_enum("to", None, ["orbax", "diffusers"], "Output format (default: diffusers for an Orbax source, "
+                  "orbax otherwise).")
+flags.DEFINE_string("config", None, "DiT preset name (pixart_jax.models.config.PRESETS); needed for a .pth whose file "
+                    "name does not identify the checkpoint.")
+flags.DEFINE_integer("max_shard_mb", 10 * 1024, "Largest safetensors shard written by --to=diffusers, in MiB.")
+
+
+def main(argv):
+  del argv
+  from pixart_jax.convert import dit, orbax_io
+
+  logging.getLogger().setLevel(logging.INFO)
+  src_is_orbax = orbax_io.is_orbax_dir(FLAGS.source)
+  to = FLAGS.to or ("diffusers" if src_is_orbax else "orbax")
+  if src_is_orbax:
+    model = orbax_io.load_transformer_orbax(FLAGS.source)
+  else:
+    model = dit.load_transformer(FLAGS.source, config=FLAGS.config, progress=True)
+  if to == "orbax":
+    out = orbax_io.save_transformer_orbax(model, FLAGS.out)
+  else:
+    out = dit.export_transformer(model, FLAGS.out, max_shard_bytes=FLAGS.max_shard_mb * 2**20)
+  logging.info("wrote %s (%s)", out, to)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,73 @@
+"""Converted weights as Orbax checkpoints: fast to reload, restorable straight into any mesh's shardings.
+
+Layout of a converted directory:
+    DIR/pixart_config.json   the DiTConfig (dataclass fields)
+    DIR/params/              an Orbax StandardCheckpointer tree of the nnx.Param state
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from pixart_jax.models.config import DiTConfig
+from pixart_jax.models.dit import PixArtSigma
+from pixart_jax.parallel.sharding import LOGICAL_RULES, state_shardings
+
+CONFIG_FILE = "pixart_config.json"
+
+
+def is_orbax_dir(path: str | os.PathLike) -> bool:
+  p = pathlib.Path(path)
+  return p.is_dir() and (p / CONFIG_FILE).exists() and (p / "params").is_dir()
+
+
+def config_to_json(cfg: DiTConfig) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def config_from_json(d: dict) -> DiTConfig:
+  fields = {f.name for f in dataclasses.fields(DiTConfig)}
+  unknown = sorted(set(d) - fields)
+  if unknown:
+    raise ValueError(f"unknown DiTConfig fields in {CONFIG_FILE}: {unknown}")
+  d = dict(d)
+  d["kv_compress_layers"] = tuple(d.get("kv_compress_layers", ()))
+  return DiTConfig(**d)
+
+
+def save_transformer_orbax(model: PixArtSigma, out_dir: str | os.PathLike) -> pathlib.Path:
+  """Writes the model's parameters and config; returns the directory."""
+  out = pathlib.Path(out_dir).absolute()
+  out.mkdir(parents=True, exist_ok=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(out / "params", nnx.state(model, nnx.Param), force=True)
+  ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    (out / CONFIG_FILE).write_text(json.dumps(config_to_json(model.cfg), indent=2))
+  return out
+
+
+def load_transformer_orbax(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                           mesh: jax.sharding.Mesh | None = None, rules=LOGICAL_RULES, remat: str = "none",
+                           scan: bool = True) -> PixArtSigma:
+  """Restores a converted model; with `mesh`, every array is read directly into its sharding."""
+  path = pathlib.Path(path).absolute()
+  cfg = config_from_json(json.loads((path / CONFIG_FILE).read_text()))
+  abstract = nnx.eval_shape(lambda: PixArtSigma(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan,
+                                                rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  if mesh is not None:
+    shardings = state_shardings(params, mesh, rules)
+  else:
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: dev, params)
+  target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), params, shardings)
+  restored = ocp.StandardCheckpointer().restore(path / "params", target)
+  return nnx.merge(graphdef, restored, rest)
