@@ -49,8 +49,12 @@ setup(
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            f"pixart-{name}=pixart_jax.{name}:run"
-            for name in ("demo", "prepare", "train", "sample", "convert", "plan")
+            "pixart-demo=pixart_jax.demo:run",
+            "pixart-prepare=pixart_jax.prepare:run",
+            "pixart-train=pixart_jax.train.__main__:run",
+            "pixart-sample=pixart_jax.sample:run",
+            "pixart-convert=pixart_jax.convert.__main__:run",
+            "pixart-plan=pixart_jax.plan:run",
         ]
     },
 )

@@ -220,7 +220,7 @@ def _weak_to_strong_init(cfg: DiTConfig, path: tuple, struct: jax.ShapeDtypeStru
 
 
 def flat_targets_values(state) -> list[tuple[tuple, jax.Array]]:
-  return [(tuple(k), v.get_value() if isinstance(v, nnx.Variable) else v) for k, v in state.flat_state()]
+  return [(tuple(k), v.get_value() if isinstance(v, nnx.Variable) else v) for k, v in nnx.to_flat_state(state)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

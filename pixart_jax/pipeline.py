@@ -1,0 +1,236 @@
+"""Text -> image: tokenizer + T5 + PixArt-Sigma DiT + SDXL VAE, with jitted samplers and resolution binning.
+
+    pipe = Pipeline.from_pretrained("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", dtype=jnp.bfloat16)
+    images = pipe(["a cat"], height=1024, width=768, steps=20, guidance_scale=4.5, seed=0)  # uint8 (B, H, W, 3)
+
+What diffusers' PixArtSigmaPipeline does, step by step, and what we do the same way:
+  * prompts are lower-cased and stripped (diffusers without bs4/ftfy; `text_preprocessing="none"` keeps them);
+  * the negative prompt ("" by default) gets its own mask (`guidance_mode="diffusers"`); the official sampler
+    gives it the prompt's mask (`guidance_mode="official"`, spec 5.5); guidance_scale <= 1 runs no
+    unconditional branch;
+  * the request is binned to the closest aspect-ratio bucket of the checkpoint's table, sampled there, decoded,
+    then bilinearly resized to cover the request and center-cropped (`use_resolution_binning`);
+  * images are (x / 2 + 0.5) clipped to [0, 1], times 255, rounded.
+The whole denoising loop is one jitted program per (batch, latent shape, sampler, steps, guidance on/off); the
+guidance scale is a traced argument, so changing it does not recompile. Initial noise of image i is drawn from
+`fold_in(key(seed), i)`, so an image does not change with the batch it is generated in.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from pixart_jax.data import buckets
+from pixart_jax.diffusion import samplers
+from pixart_jax.diffusion.guidance import cfg_model_fn
+from pixart_jax.models.dit import PixArtSigma
+from pixart_jax.models.text_encoder import TextEncoder
+from pixart_jax.models.vae import AutoencoderKL
+from pixart_jax.parallel.sharding import LOGICAL_RULES, shard_model
+
+log = logging.getLogger(__name__)
+
+MAX_LENGTH = 300
+
+
+def enable_compilation_cache(path: str | os.PathLike) -> None:
+  """Persistent XLA compilation cache (survives restarts; e.g. on Drive / GCS). Call once, before compiling."""
+  jax.config.update("jax_compilation_cache_dir", os.fspath(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def initial_noise(seed: int, batch: int, shape: tuple[int, int, int]) -> jax.Array:
+  """(batch, h, w, C) float32 N(0, 1) noise; image i uses fold_in(key(seed), i)."""
+  key = jax.random.key(seed)
+  return jnp.stack([jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) for i in range(batch)])
+
+
+def resize_cover_crop(images: jax.Array, height: int, width: int) -> jax.Array:
+  """(B, H, W, C) float -> (B, height, width, C): bilinear cover resize (no antialias, half-pixel centres, as
+  torch F.interpolate(align_corners=False)) then center crop, as diffusers' `resize_and_crop_tensor`."""
+  b, h, w, c = images.shape
+  if (h, w) == (height, width):
+    return images
+  ratio = max(height / h, width / w)
+  rh, rw = int(h * ratio), int(w * ratio)
+  out = jax.image.resize(images, (b, rh, rw, c), method="bilinear", antialias=False)
+  y0, x0 = (rh - height) // 2, (rw - width) // 2
+  return out[:, y0:y0 + height, x0:x0 + width]
+
+
+def to_uint8(images: jax.Array) -> np.ndarray:
+  """[-1, 1] floats -> uint8, as diffusers' postprocess."""
+  x = np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
+  return np.round(x * 255).astype(np.uint8)
+
+
+class Pipeline:
+  """PixArt-Sigma text-to-image on one device or a mesh."""
+
+  def __init__(self, text_encoder: TextEncoder, transformer: PixArtSigma, vae: AutoencoderKL, *,
+               mesh: jax.sharding.Mesh | None = None, rules=LOGICAL_RULES):
+    self.text_encoder, self.transformer, self.vae = text_encoder, transformer, vae
+    self.mesh, self.rules = mesh, rules
+    if mesh is not None:
+      shard_model(transformer, mesh, rules)
+    self.num_traces = 0  # how many times the denoising program was traced (compile-cache checks)
+    self._dit_graph, self._dit_state = nnx.split(transformer)
+    self._vae_graph, self._vae_state = nnx.split(vae)
+    self._denoise = jax.jit(self._denoise_impl, static_argnames=("sampler", "steps", "use_cfg", "mode"))
+    self._decode = jax.jit(self._decode_impl, static_argnames=("height", "width"))
+
+  # -----------------------------------------------------------------------------------------------------------
+  @classmethod
+  def from_pretrained(cls, src: str | os.PathLike, *, dtype=jnp.bfloat16, text_dtype=None, vae_dtype=jnp.float32,
+                      transformer: str | os.PathLike | None = None, transformer_config=None,
+                      mesh: jax.sharding.Mesh | None = None, rules=LOGICAL_RULES, progress: bool = False
+                      ) -> "Pipeline":
+    """src: a diffusers PixArt-Sigma pipeline directory or Hub id (transformer/, text_encoder/, tokenizer/, vae/).
+
+    transformer: another source for the DiT (a .pth, an Orbax dir from `convert`, a transformer/ dir, a Hub id),
+      e.g. a fine-tune combined with `PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers`.
+    dtype: compute dtype of the DiT (bf16 on accelerators); parameters stay float32 unless you convert them.
+    text_dtype: compute dtype of T5 (default: `dtype`). vae_dtype: compute dtype of the VAE (float32 default).
+    """
+    from pixart_jax.convert.dit import load_transformer
+    from pixart_jax.convert.hub import resolve_local
+    from pixart_jax.convert.vae_keys import load_vae
+
+    local = resolve_local(src, allow_patterns=None)
+    dit = load_transformer(transformer or local, config=transformer_config, dtype=dtype, mesh=mesh, rules=rules,
+                           progress=progress)
+    text = TextEncoder.from_pretrained(local, dtype=text_dtype or dtype, mesh=mesh, rules=rules, progress=progress)
+    vae = load_vae(local, dtype=vae_dtype)
+    return cls(text, dit, vae, mesh=mesh, rules=rules)
+
+  # -----------------------------------------------------------------------------------------------------------
+  def _denoise_impl(self, state, latents, cond_emb, cond_mask, un_emb, un_mask, scale, key, *, sampler, steps,
+                    use_cfg, mode):
+    self.num_traces += 1
+    model = nnx.merge(self._dit_graph, state)
+
+    def apply(x, t, y, m):
+      return model(x, t, y, m)
+
+    model_fn = cfg_model_fn(apply, (cond_emb, cond_mask), (un_emb, un_mask) if use_cfg else None,
+                            scale if use_cfg else 1.0, mode=mode)
+    return samplers.sample(sampler, model_fn, latents, num_steps=steps, key=key)
+
+  def _decode_impl(self, state, z, *, height, width):
+    vae = nnx.merge(self._vae_graph, state)
+    img = vae.decode(vae.unscale_latent(z)).astype(jnp.float32)
+    return resize_cover_crop(img, height, width)
+
+  def _batch_sharding(self, batch: int):
+    if self.mesh is None:
+      return None
+    axes = tuple(a for a in ("data", "fsdp") if self.mesh.shape[a] > 1)
+    n = int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
+    spec = PartitionSpec(axes) if axes and batch % n == 0 else PartitionSpec()
+    return NamedSharding(self.mesh, spec)
+
+  def encode(self, prompts: Sequence[str], text_preprocessing: str = "lower") -> tuple[jax.Array, jax.Array]:
+    """Prompts -> (embeds (B, 300, D) f32, mask (B, 300) int32), with diffusers' light preprocessing."""
+    if text_preprocessing == "lower":
+      prompts = [p.lower().strip() for p in prompts]
+    elif text_preprocessing != "none":
+      raise ValueError(f"text_preprocessing must be 'lower' or 'none', got {text_preprocessing!r}")
+    return self.text_encoder.encode_prompts(list(prompts), max_length=MAX_LENGTH)
+
+  def resolve_size(self, height: int | None, width: int | None, use_resolution_binning: bool
+                   ) -> tuple[int, int, int, int]:
+    """-> (sample height, sample width, output height, output width) in pixels."""
+    cfg = self.transformer.cfg
+    f = self.vae.config.downsample_factor
+    height = height or cfg.sample_size * f
+    width = width or cfg.sample_size * f
+    if use_resolution_binning:
+      table = buckets.bin_table_for_sample_size(cfg.sample_size)
+      buckets.check_request(height, width, table)
+      bh, bw = buckets.classify_height_width_bin(height, width, table)
+      return bh, bw, height, width
+    unit = f * cfg.patch_size
+    if height % unit or width % unit:
+      raise ValueError(f"height and width must be multiples of {unit} without resolution binning; got "
+                       f"{height}x{width}")
+    return height, width, height, width
+
+  def __call__(self, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] = "",
+               height: int | None = None, width: int | None = None, steps: int | None = None,
+               guidance_scale: float = 4.5, sampler: str = "dpm-solver", seed: int = 0,
+               latents: np.ndarray | jax.Array | None = None, use_resolution_binning: bool = True,
+               guidance_mode: str = "diffusers", text_preprocessing: str = "lower",
+               vae_tile_latent: int | None = None, output: str = "uint8", timings: dict | None = None):
+    """Generates images.
+
+    prompts: one string or B strings; negative_prompt: one string or B strings.
+    latents: explicit initial noise (B, h, w, C) NHWC at the SAMPLE (binned) latent size; else from `seed`.
+    vae_tile_latent: decode in overlapping tiles of this latent size (auto: tiles of 128 above 2048 px).
+    output: "uint8" -> numpy (B, H, W, 3) uint8; "float" -> jax (B, H, W, 3) in [-1, 1].
+    timings: if a dict is given, it receives seconds for encode / denoise / decode.
+    """
+    t_start = time.perf_counter()
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    b = len(prompts)
+    negs = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negs) != b:
+      raise ValueError(f"{len(negs)} negative prompts for {b} prompts")
+    if sampler not in samplers.SAMPLERS:
+      raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(samplers.SAMPLERS)}")
+    steps = steps or samplers.DEFAULT_STEPS[sampler]
+    sh, sw, oh, ow = self.resolve_size(height, width, use_resolution_binning)
+    f = self.vae.config.downsample_factor
+    lat_shape = (sh // f, sw // f, self.transformer.cfg.in_channels)
+    if latents is None:
+      latents = initial_noise(seed, b, lat_shape)
+    latents = jnp.asarray(latents, jnp.float32)
+    if latents.shape != (b, *lat_shape):
+      raise ValueError(f"latents must have shape {(b, *lat_shape)} (NHWC at the {sh}x{sw} sample size), "
+                       f"got {latents.shape}")
+    use_cfg = guidance_scale > 1.0
+    cond_emb, cond_mask = self.encode(prompts, text_preprocessing)
+    if use_cfg:
+      un_emb, un_mask = self.encode(negs, text_preprocessing)
+    else:
+      un_emb, un_mask = cond_emb, cond_mask  # unused by the traced program
+    t_enc = time.perf_counter()
+
+    args = [latents, cond_emb, cond_mask, un_emb, un_mask]
+    sharding = self._batch_sharding(b)
+    if sharding is not None:
+      args = [jax.device_put(a, sharding) for a in args]
+    ctx = jax.set_mesh(self.mesh) if self.mesh is not None else _nullcontext()
+    with ctx:
+      x0 = self._denoise(self._dit_state, *args, jnp.float32(guidance_scale), jax.random.key(seed),
+                         sampler=sampler, steps=steps, use_cfg=use_cfg, mode=guidance_mode)
+      x0 = jax.block_until_ready(x0)
+      t_den = time.perf_counter()
+      tile = vae_tile_latent or (128 if max(sh, sw) > 2048 else None)
+      if tile is None:
+        images = self._decode(self._vae_state, x0, height=oh, width=ow)
+      else:
+        from pixart_jax.models.vae_tiling import decode_tiled
+
+        img = decode_tiled(self.vae, self.vae.unscale_latent(x0), tile_latent=tile, overlap_latent=tile // 4)
+        images = resize_cover_crop(img.astype(jnp.float32), oh, ow)
+      images = jax.block_until_ready(images)
+    if timings is not None:
+      timings.update(encode=t_enc - t_start, denoise=t_den - t_enc, decode=time.perf_counter() - t_den)
+    return to_uint8(images) if output == "uint8" else images
+
+
+class _nullcontext:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False

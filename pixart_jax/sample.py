@@ -1,0 +1,148 @@
+"""Text -> PNG images with PixArt-Sigma.
+
+  python -m pixart_jax.sample --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS \\
+      --prompt "a small wooden cabin in a snowy forest at night" --size 1024x768 --steps 20 --out samples/
+  python -m pixart_jax.sample --model DIR --prompts_file prompts.txt --sampler sa-solver --guidance 3 --seed 7
+
+Each PNG carries the prompt, seed and settings in its metadata (tEXt chunks); several images also give a
+contact sheet. Progress shows the stages (encode, compile, sample, decode) of every batch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import re
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "A diffusers PixArt-Sigma pipeline dir or Hub id (transformer/, text_encoder/, "
+                    "tokenizer/, vae/).", required=True)
+flags.DEFINE_string("transformer", None, "Optional other DiT weights (.pth, Orbax dir from `convert`, transformer/ "
+                    "dir, Hub id), combined with --model's T5 and VAE.")
+flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for several).")
+flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line (blank lines skipped).")
+flags.DEFINE_string("negative", "", "Negative prompt.")
+flags.DEFINE_string("size", None, "WIDTHxHEIGHT in pixels (default: the checkpoint's resolution). Binned to the "
+                    "closest aspect-ratio bucket, then resized and center-cropped back.")
+flags.DEFINE_integer("steps", None, "Sampling steps (default per sampler: dpm-solver 20, sa-solver 25, iddpm 100, "
+                     "ddim 50).")
+flags.DEFINE_enum("sampler", "dpm-solver", ["dpm-solver", "dpm-solver-official", "sa-solver", "iddpm", "ddim"],
+                  "Sampler.")
+flags.DEFINE_float("guidance", 4.5, "Classifier-free guidance scale (<= 1 disables guidance).")
+flags.DEFINE_enum("guidance_mode", "diffusers", ["diffusers", "official"], "Mask of the unconditional branch: its "
+                  "own (diffusers) or the prompt's (official PixArt).")
+flags.DEFINE_integer("seed", 0, "Seed; image i of the run uses seed + i // batch_size and its batch position.")
+flags.DEFINE_integer("batch_size", 4, "Prompts per jitted call.")
+flags.DEFINE_integer("images_per_prompt", 1, "Images per prompt (different seeds).")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "DiT and T5 compute dtype.")
+flags.DEFINE_string("out", "samples", "Output directory.")
+flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache directory.")
+flags.DEFINE_boolean("no_binning", False, "Sample exactly at --size (must be a multiple of 16).")
+
+
+def _prompts() -> list[str]:
+  prompts = list(FLAGS.prompt)
+  if FLAGS.prompts_file:
+    prompts += [line.strip() for line in pathlib.Path(FLAGS.prompts_file).read_text().splitlines() if line.strip()]
+  if not prompts:
+    raise app.UsageError("give --prompt (repeatable) or --prompts_file")
+  return [p for p in prompts for _ in range(FLAGS.images_per_prompt)]
+
+
+def _size() -> tuple[int | None, int | None]:
+  if not FLAGS.size:
+    return None, None
+  m = re.fullmatch(r"(\d+)[xX](\d+)", FLAGS.size)
+  if not m:
+    raise app.UsageError(f"--size must look like 1024x768 (WIDTHxHEIGHT), got {FLAGS.size!r}")
+  return int(m.group(2)), int(m.group(1))
+
+
+def _slug(text: str, n: int = 40) -> str:
+  return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "empty"
+
+
+def contact_sheet(images, cols: int | None = None):
+  """(N, H, W, 3) uint8 (same size) -> one PIL grid image."""
+  import numpy as np
+  from PIL import Image
+
+  n, h, w, _ = images.shape
+  cols = cols or int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / cols))
+  sheet = np.full((rows * h, cols * w, 3), 255, np.uint8)
+  for i, img in enumerate(images):
+    r, c = divmod(i, cols)
+    sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+  return Image.fromarray(sheet)
+
+
+def save_png(image, path: pathlib.Path, meta: dict) -> None:
+  from PIL import Image
+  from PIL.PngImagePlugin import PngInfo
+
+  info = PngInfo()
+  for k, v in meta.items():
+    info.add_text(k, v if isinstance(v, str) else json.dumps(v))
+  Image.fromarray(image).save(path, pnginfo=info)
+
+
+def main(argv):
+  del argv
+  import jax.numpy as jnp
+  import numpy as np
+  from tqdm import tqdm
+
+  import pixart_jax as pj
+
+  logging.getLogger().setLevel(logging.INFO)
+  if FLAGS.compilation_cache_dir:
+    pj.enable_compilation_cache(FLAGS.compilation_cache_dir)
+  prompts = _prompts()
+  height, width = _size()
+  out = pathlib.Path(FLAGS.out)
+  out.mkdir(parents=True, exist_ok=True)
+  dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+  t0 = time.perf_counter()
+  pipe = pj.Pipeline.from_pretrained(FLAGS.model, transformer=FLAGS.transformer, dtype=dtype, progress=True)
+  logging.info("loaded models in %.1fs", time.perf_counter() - t0)
+  all_images, written = [], []
+  bar = tqdm(total=len(prompts), unit="img", desc="sampling")
+  for start in range(0, len(prompts), FLAGS.batch_size):
+    batch = prompts[start:start + FLAGS.batch_size]
+    seed = FLAGS.seed + start // FLAGS.batch_size
+    first = pipe.num_traces
+    timings: dict = {}
+    bar.set_description(f"batch {start // FLAGS.batch_size}: encode+sample")
+    images = pipe(batch, negative_prompt=FLAGS.negative, height=height, width=width, steps=FLAGS.steps,
+                  guidance_scale=FLAGS.guidance, sampler=FLAGS.sampler, seed=seed, guidance_mode=FLAGS.guidance_mode,
+                  use_resolution_binning=not FLAGS.no_binning, timings=timings)
+    compiled = pipe.num_traces > first
+    bar.set_postfix(compile_and_sample=f"{timings['denoise']:.1f}s" if compiled else None,
+                    sample=None if compiled else f"{timings['denoise']:.1f}s", decode=f"{timings['decode']:.1f}s")
+    for i, (prompt, img) in enumerate(zip(batch, images)):
+      meta = {"prompt": prompt, "negative_prompt": FLAGS.negative, "seed": seed, "batch_index": i,
+              "sampler": FLAGS.sampler, "steps": FLAGS.steps or "default", "guidance_scale": FLAGS.guidance,
+              "guidance_mode": FLAGS.guidance_mode, "size": f"{img.shape[1]}x{img.shape[0]}", "model": FLAGS.model,
+              "transformer": FLAGS.transformer or "", "software": "pixart_jax"}
+      path = out / f"{start + i:04d}_{_slug(prompt)}.png"
+      save_png(img, path, meta)
+      written.append(path)
+    all_images.extend(images)
+    bar.update(len(batch))
+  bar.close()
+  if len(all_images) > 1 and len({im.shape for im in all_images}) == 1:
+    contact_sheet(np.stack(all_images)).save(out / "contact_sheet.png")
+  logging.info("wrote %d images to %s", len(written), out)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
