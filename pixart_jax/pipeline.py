@@ -90,7 +90,8 @@ class Pipeline:
 
   # -----------------------------------------------------------------------------------------------------------
   @classmethod
-  def from_pretrained(cls, src: str | os.PathLike, *, dtype=jnp.bfloat16, text_dtype=None, vae_dtype=jnp.float32,
+  def from_pretrained(cls, src: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=jnp.float32, text_dtype=None,
+                      vae_dtype=jnp.float32,
                       transformer: str | os.PathLike | None = None, transformer_config=None,
                       mesh: jax.sharding.Mesh | None = None, rules=LOGICAL_RULES, progress: bool = False
                       ) -> "Pipeline":
@@ -98,7 +99,7 @@ class Pipeline:
 
     transformer: another source for the DiT (a .pth, an Orbax dir from `convert`, a transformer/ dir, a Hub id),
       e.g. a fine-tune combined with `PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers`.
-    dtype: compute dtype of the DiT (bf16 on accelerators); parameters stay float32 unless you convert them.
+    dtype: compute dtype of the DiT (bf16 on accelerators); param_dtype: its storage dtype (bf16 halves HBM).
     text_dtype: compute dtype of T5 (default: `dtype`). vae_dtype: compute dtype of the VAE (float32 default).
     """
     from pixart_jax.convert.dit import load_transformer
@@ -106,8 +107,8 @@ class Pipeline:
     from pixart_jax.convert.vae_keys import load_vae
 
     local = resolve_local(src, allow_patterns=None)
-    dit = load_transformer(transformer or local, config=transformer_config, dtype=dtype, mesh=mesh, rules=rules,
-                           progress=progress)
+    dit = load_transformer(transformer or local, config=transformer_config, dtype=dtype, param_dtype=param_dtype,
+                           mesh=mesh, rules=rules, progress=progress)
     text = TextEncoder.from_pretrained(local, dtype=text_dtype or dtype, mesh=mesh, rules=rules, progress=progress)
     vae = load_vae(local, dtype=vae_dtype)
     return cls(text, dit, vae, mesh=mesh, rules=rules)
