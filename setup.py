@@ -31,6 +31,7 @@ EXTRAS = {
         "torch==2.13.0",
         "diffusers>=0.30",
         "came-pytorch>=0.1.3",
+        "peft>=0.12",
         "nbclient>=0.10",
         "nbformat>=5.10",
         "ipykernel>=6.29",
