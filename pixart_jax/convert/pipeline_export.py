@@ -1,0 +1,55 @@
+"""Export a (fine-tuned) transformer as a complete diffusers PixArt-Sigma pipeline directory.
+
+The text encoder, tokenizer and VAE are the frozen ones of a base pipeline (copied file by file); the scheduler is
+the base's, or DPM-Solver++ as configured for PixArt-Sigma when the base has none. The result loads with
+`diffusers.PixArtSigmaPipeline.from_pretrained(out_dir)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+
+from pixart_jax.convert.dit import export_transformer
+from pixart_jax.convert.hub import resolve_local
+
+SCHEDULER_CONFIG = {
+    "_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++", "beta_end": 0.02,
+    "beta_schedule": "linear", "beta_start": 0.0001, "lower_order_final": True, "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "solver_order": 2, "solver_type": "midpoint", "steps_offset": 0,
+    "timestep_spacing": "linspace", "thresholding": False, "use_karras_sigmas": False,
+}
+_COMPONENTS = ("text_encoder", "tokenizer", "vae")
+
+
+def export_pipeline(transformer, base: str | os.PathLike, out_dir: str | os.PathLike, *,
+                    max_shard_bytes: int = 10 * 2**30) -> pathlib.Path:
+  """transformer: our PixArtSigma; base: a diffusers PixArt-Sigma pipeline dir or Hub id."""
+  base = resolve_local(base)
+  out = pathlib.Path(out_dir)
+  missing = [c for c in _COMPONENTS if not (base / c).is_dir()]
+  if missing:
+    raise FileNotFoundError(f"base pipeline {base} lacks {missing}")
+  out.mkdir(parents=True, exist_ok=True)
+  for c in _COMPONENTS:
+    if (out / c).exists():
+      shutil.rmtree(out / c)
+    shutil.copytree(base / c, out / c)
+  if (base / "scheduler").is_dir():
+    shutil.copytree(base / "scheduler", out / "scheduler", dirs_exist_ok=True)
+  else:
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
+  export_transformer(transformer, out / "transformer", max_shard_bytes=max_shard_bytes)
+  index = {}
+  if (base / "model_index.json").exists():
+    index = json.loads((base / "model_index.json").read_text())
+  index.update({"_class_name": "PixArtSigmaPipeline",
+                "transformer": ["diffusers", "PixArtTransformer2DModel"]})
+  index.setdefault("scheduler", ["diffusers", "DPMSolverMultistepScheduler"])
+  for c, cls in (("text_encoder", ["transformers", "T5EncoderModel"]), ("tokenizer", ["transformers", "T5Tokenizer"]),
+                 ("vae", ["diffusers", "AutoencoderKL"])):
+    index.setdefault(c, cls)
+  (out / "model_index.json").write_text(json.dumps(index, indent=2))
+  return out
