@@ -1,0 +1,79 @@
+"""User API: prompts -> T5 caption embeddings and masks (tokenizer + NNX T5 encoder).
+
+    enc = TextEncoder.from_pretrained("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", dtype=jnp.bfloat16)
+    embeds, mask = enc.encode_prompts(["a cat", ""])   # (2, 300, 4096) float32, (2, 300) int32
+
+The forward pass is one `jax.jit` program per batch size (the caption length is fixed), so a
+notebook that encodes batches of the same size compiles once.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from pixart_jax.models.t5 import T5Encoder
+from pixart_jax.models.tokenizer import T5PromptTokenizer, load_tokenizer
+from pixart_jax.parallel.sharding import Rules
+
+MAX_LENGTH = 300  # PixArt-Sigma caption length
+
+
+class TextEncoder:
+  """A T5 tokenizer bundled with a `T5Encoder` (weights stay where they were placed)."""
+
+  def __init__(self, tokenizer: T5PromptTokenizer, encoder: T5Encoder):
+    vocab = encoder.config.vocab_size
+    if tokenizer.vocab_size > vocab:
+      raise ValueError(f"tokenizer emits {tokenizer.vocab_size} ids but the encoder embeds only "
+                       f"{vocab} (config vocab_size)")
+    self.tokenizer = tokenizer
+    self.encoder = encoder
+    # NNX modules are pytrees: one compile per input shape (i.e. per batch size), cached per instance.
+    self._jitted = jax.jit(lambda model, ids, mask: model(ids, mask))
+
+  @classmethod
+  def from_pretrained(cls, src: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
+                      mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None,
+                      progress: bool = False) -> "TextEncoder":
+    """src: a pipeline dir / Hub id with `text_encoder/` and `tokenizer/` (see `load_t5`)."""
+    from pixart_jax.convert.t5_keys import load_t5  # convert depends on models, not vice versa
+    tokenizer = load_tokenizer(src)
+    encoder = load_t5(src, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules,
+                      progress=progress)
+    return cls(tokenizer, encoder)
+
+  @property
+  def hidden_size(self) -> int:
+    return self.encoder.config.d_model
+
+  def tokenize(self, prompts: Sequence[str], max_length: int = MAX_LENGTH):
+    """-> (ids (B, max_length) int32, mask (B, max_length) int32) numpy arrays."""
+    return self.tokenizer.tokenize(prompts, max_length=max_length)
+
+  def encode_ids(self, input_ids, attention_mask) -> jax.Array:
+    """(B S) ids and mask -> (B S D) float32 last_hidden_state (jitted; compiles once per shape)."""
+    return self._jitted(self.encoder, jnp.asarray(input_ids, jnp.int32),
+                        jnp.asarray(attention_mask, jnp.int32))
+
+  def encode_prompts(self, prompts: Sequence[str],
+                     max_length: int = MAX_LENGTH) -> tuple[jax.Array, jax.Array]:
+    """prompts: B strings -> (embeds (B, max_length, D) float32, mask (B, max_length) int32).
+
+    Embeddings are float32 whatever the compute dtype (the residual stream and the final RMSNorm
+    run in float32); pad positions hold real encoder outputs, as in PyTorch. Prompts longer than
+    `max_length` tokens are truncated with a logged WARNING.
+    """
+    ids, mask = self.tokenize(prompts, max_length)
+    mask = jnp.asarray(mask)
+    return self.encode_ids(ids, mask), mask
+
+  __call__ = encode_prompts
+
+
+def encode_prompts(encoder: TextEncoder, prompts: Sequence[str],
+                   max_length: int = MAX_LENGTH) -> tuple[jax.Array, jax.Array]:
+  """Convenience: `encoder.encode_prompts(prompts, max_length)`."""
+  return encoder.encode_prompts(prompts, max_length)
