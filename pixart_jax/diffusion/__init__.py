@@ -1,4 +1,7 @@
-"""Diffusion process, IDDPM training loss, classifier-free guidance and samplers (model-independent)."""
+"""Diffusion process, IDDPM training loss, classifier-free guidance and samplers.
+
+Model-independent: samplers take any `model_fn(x, t)`.
+"""
 from pixart_jax.diffusion.guidance import cfg_model_fn
 from pixart_jax.diffusion.losses import iddpm_loss
 from pixart_jax.diffusion.samplers import DEFAULT_STEPS, SAMPLERS, sample
