@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "einops>=0.8",
     "numpy>=1.26",
     "safetensors>=0.4.3",
+    "msgpack>=1.0",
     "ml_dtypes>=0.5",
     "pillow>=10.0",
     "tqdm>=4.66",
