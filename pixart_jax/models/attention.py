@@ -2,33 +2,59 @@
 
 Axis legend: B batch, L image tokens (h*w grid, row-major), S caption tokens, M compressed KV tokens,
 D hidden width, N heads, K head dim.
+
+How attention runs (xla / splash / cudnn, sequence parallelism) is an `AttentionOptions` value given at
+construction (default: the xla reference, no sequence parallelism); it never changes the parameters.
 """
 from __future__ import annotations
-
-import math
 
 import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pixart_jax.models.attention_backends import XLA_OPTIONS, AttentionOptions, attend, dot_product_attention
 from pixart_jax.models.layers import Dtype, dense, layer_norm
+from pixart_jax.parallel import context
 from pixart_jax.parallel.sharding import make_param
 
-_MASK_VALUE = -1e30
+__all__ = ["dot_product_attention", "compress_kv_tokens", "KVCompress", "SelfAttention", "CrossAttention"]
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-  """Softmax(q k^T / sqrt(K)) v with fp32 logits and softmax.
+def _layer_norm_channel_sharded(y: jax.Array, eps: float, scale: jax.Array, bias: jax.Array, axis) -> jax.Array:
+  """LayerNorm over channels split across mesh `axis` inside a shard_map (fp32 statistics by psum)."""
+  yf = y.astype(jnp.float32)
+  n = jax.lax.psum(y.shape[-1], axis)
+  mean = jax.lax.psum(jnp.sum(yf, axis=-1, keepdims=True), axis) / n
+  var = jax.lax.psum(jnp.sum(jnp.square(yf - mean), axis=-1, keepdims=True), axis) / n
+  out = (yf - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return out.astype(y.dtype)
 
-  q (B L N K), k v (B M N K), mask (B M) bool key mask (True = attend) or None -> (B L N K) in q's dtype.
+
+def compress_kv_tokens(x: jax.Array, hw: tuple[int, int], ratio: int, mode: str, params: tuple = (), *,
+                       dtype: Dtype, channel_axis=None) -> jax.Array:
+  """KV compression as a pure function (see `KVCompress`). x (B L C) on an (h, w) grid -> (B M C).
+
+  params (conv only): kernel (R R C), bias (C), norm_scale (C), norm_bias (C). channel_axis: mesh axis the C
+  channels are split over inside a shard_map (the LayerNorm then reduces across it), or None.
   """
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  logits = jnp.einsum("blnk,bmnk->bnlm", q, k, preferred_element_type=jnp.float32) * scale
-  if mask is not None:
-    logits = jnp.where(mask[:, None, None, :], logits, _MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1)
-  return jnp.einsum("bnlm,bmnk->blnk", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+  h, w = hw
+  r = ratio
+  grid = einops.rearrange(x, "b (h w) d -> b h w d", h=h, w=w)
+  if mode == "uniform":
+    return einops.rearrange(grid[:, ::r, ::r], "b h w d -> b (h w) d")
+  hc, wc = h // r, w // r
+  grid = grid[:, : hc * r, : wc * r]
+  if mode == "ave":
+    return einops.rearrange(grid[:, ::r, ::r], "b h w d -> b (h w) d")
+  kernel, bias, norm_scale, norm_bias = params
+  cells = einops.rearrange(grid, "b (h p) (w q) d -> b h w p q d", p=r, q=r)
+  y = jnp.einsum("bhwpqd,pqd->bhwd", cells, kernel.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+  y = y + bias.astype(dtype)
+  y = einops.rearrange(y, "b h w d -> b (h w) d")
+  if channel_axis is None:
+    return layer_norm(y, 1e-5, norm_scale, norm_bias)
+  return _layer_norm_channel_sharded(y, 1e-5, norm_scale, norm_bias, channel_axis)
 
 
 class KVCompress(nnx.Module):
@@ -59,31 +85,23 @@ class KVCompress(nnx.Module):
       return -(-h // ratio), -(-w // ratio)
     return h // ratio, w // ratio
 
+  def params(self) -> tuple:
+    """(kernel (R R D), bias (D), norm_scale (D), norm_bias (D)) for conv; () otherwise."""
+    if self.mode != "conv":
+      return ()
+    return (self.kernel[...][:, :, 0, :], self.bias[...], self.norm_scale[...], self.norm_bias[...])
+
   def __call__(self, x: jax.Array, hw: tuple[int, int]) -> jax.Array:
     """x (B L D) on an (h, w) grid -> (B M D), M = out_grid(h, w)."""
-    h, w = hw
-    r = self.ratio
-    grid = einops.rearrange(x, "b (h w) d -> b h w d", h=h, w=w)
-    if self.mode == "uniform":
-      return einops.rearrange(grid[:, ::r, ::r], "b h w d -> b (h w) d")
-    hc, wc = h // r, w // r
-    grid = grid[:, : hc * r, : wc * r]
-    if self.mode == "ave":
-      return einops.rearrange(grid[:, ::r, ::r], "b h w d -> b (h w) d")
-    cells = einops.rearrange(grid, "b (h p) (w q) d -> b h w p q d", p=r, q=r)
-    k = self.kernel[...].astype(self.dtype)[:, :, 0, :]  # (p, q, D)
-    y = jnp.einsum("bhwpqd,pqd->bhwd", cells, k, preferred_element_type=jnp.float32).astype(self.dtype)
-    y = y + self.bias[...].astype(self.dtype)
-    y = einops.rearrange(y, "b h w d -> b (h w) d")
-    return layer_norm(y, 1e-5, self.norm_scale[...], self.norm_bias[...])
+    return compress_kv_tokens(x, hw, self.ratio, self.mode, self.params(), dtype=self.dtype)
 
 
 class SelfAttention(nnx.Module):
   """PixArt self-attention (official `AttentionKVCompress`): q/k/v, optional qk-norm and KV compression."""
 
   def __init__(self, dim: int, num_heads: int, *, kv_ratio: int = 1, kv_mode: str = "conv", qk_norm: bool = False,
-               dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-    self.num_heads = num_heads
+               dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs, opts: AttentionOptions = XLA_OPTIONS):
+    self.num_heads, self.opts, self.dtype = num_heads, opts, dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q = dense(dim, dim, ("embed", "heads"), **kw)
     self.k = dense(dim, dim, ("embed", "heads"), **kw)
@@ -105,18 +123,28 @@ class SelfAttention(nnx.Module):
     if self.qk_norm:
       q = layer_norm(q, 1e-5, self.q_norm_scale[...], self.q_norm_bias[...])
       k = layer_norm(k, 1e-5, self.k_norm_scale[...], self.k_norm_bias[...])
+    if self.opts.sequence_parallel and context.sequence_shards() > 1:
+      comp = self.compress
+      fn = None if comp is None else (
+          lambda t, grid, p, axis: compress_kv_tokens(t, grid, comp.ratio, comp.mode, p, dtype=self.dtype,
+                                                      channel_axis=axis))
+      o = context.sequence_parallel_self_attention(q, k, v, hw, num_heads=self.num_heads, opts=self.opts,
+                                                   ratio=self.kv_ratio, compress=fn,
+                                                   compress_params=() if comp is None else comp.params())
+      return self.out(o)
     if self.compress is not None:
       k, v = self.compress(k, hw), self.compress(v, hw)
     split = lambda t: einops.rearrange(t, "b l (n k) -> b l n k", n=self.num_heads)
-    o = dot_product_attention(split(q), split(k), split(v))
+    o = attend(split(q), split(k), split(v), opts=self.opts)
     return self.out(einops.rearrange(o, "b l n k -> b l (n k)"))
 
 
 class CrossAttention(nnx.Module):
   """Image tokens attend to projected caption tokens under a key-padding mask (official `MultiHeadCrossAttention`)."""
 
-  def __init__(self, dim: int, num_heads: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-    self.num_heads = num_heads
+  def __init__(self, dim: int, num_heads: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
+               opts: AttentionOptions = XLA_OPTIONS):
+    self.num_heads, self.opts = num_heads, opts
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q = dense(dim, dim, ("embed", "heads"), **kw)
     self.k = dense(dim, dim, ("embed", "heads"), **kw)
@@ -126,5 +154,5 @@ class CrossAttention(nnx.Module):
   def __call__(self, x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
     """x (B L D), y (B S D), mask (B S) bool -> (B L D)."""
     split = lambda t: einops.rearrange(t, "b l (n k) -> b l n k", n=self.num_heads)
-    o = dot_product_attention(split(self.q(x)), split(self.k(y)), split(self.v(y)), mask)
+    o = attend(split(self.q(x)), split(self.k(y)), split(self.v(y)), mask, opts=self.opts)
     return self.out(einops.rearrange(o, "b l n k -> b l (n k)"))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from pixart_jax.models.attention_backends import AttentionBackend, SplashBlockSizes
+
 KVMode = Literal["conv", "ave", "uniform"]
 
 
@@ -18,6 +20,15 @@ class DiTConfig:
   sample_size: latent side of the training resolution (image_size // 8); base_size = sample_size // patch_size.
   interpolation_scale: the PE interpolation (official `pe_interpolation`, diffusers `interpolation_scale`).
   kv_compress_layers / kv_compress_ratio / kv_compress_mode: KV token compression (spec section 3).
+
+  How attention runs (never what it computes, never the parameters):
+  attention: "xla" (reference) | "splash" (Pallas TPU kernel; interpret mode elsewhere) | "cudnn" (GPU, bf16).
+  attention_min_seq: below this many key/value tokens attention falls back to xla (e.g. the 300-token
+    cross-attention with the default 1024).
+  splash_block_sizes: (block_q, block_kv, block_kv_compute), multiples of 128, clipped to the sequence.
+  splash_interpret: run splash in Pallas interpret mode; None = iff the backend is not a TPU.
+  sequence_parallel: under a mesh with a `sequence` axis > 1, self-attention shards tokens by grid rows and
+    all-gathers (compressed) K/V explicitly (pixart_jax.parallel.context).
   """
 
   depth: int = 28
@@ -40,8 +51,21 @@ class DiTConfig:
   class_dropout_prob: float = 0.1
   # Which image-size table the checkpoint was trained on (data.buckets names); informational for sampling.
   image_size: int = 1024
+  attention: str = "xla"
+  attention_min_seq: int = 1024
+  splash_block_sizes: tuple[int, int, int] = (512, 512, 512)
+  splash_interpret: bool | None = None
+  sequence_parallel: bool = False
 
   def __post_init__(self):
+    AttentionBackend.parse(self.attention)
+    blocks = tuple(self.splash_block_sizes)
+    if len(blocks) != 3:
+      raise ValueError(f"splash_block_sizes must be (block_q, block_kv, block_kv_compute), got {blocks!r}")
+    SplashBlockSizes(*blocks)
+    object.__setattr__(self, "splash_block_sizes", blocks)  # JSON round trips give lists
+    if self.attention_min_seq < 0:
+      raise ValueError(f"attention_min_seq must be >= 0, got {self.attention_min_seq}")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
     bad = [i for i in self.kv_compress_layers if not 0 <= i < self.depth]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pixart_jax.models.attention import CrossAttention, SelfAttention
+from pixart_jax.models.attention_backends import AttentionOptions
 from pixart_jax.models.config import DiTConfig
 from pixart_jax.models.embeddings import (CaptionProjection, MicroConditionEmbedder, PatchEmbed, TimestepEmbedder,
                                           drop_captions, sincos_2d)
@@ -38,9 +39,10 @@ class Block(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.eps = cfg.norm_eps
     self.scale_shift_table = make_param(_table_init(d), rngs.params(), (6, d), param_dtype, ("table", "embed"))
+    opts = AttentionOptions.from_config(cfg)
     self.attn = SelfAttention(d, cfg.num_heads, kv_ratio=kv_ratio, kv_mode=cfg.kv_compress_mode,
-                              qk_norm=cfg.qk_norm, **kw)
-    self.cross_attn = CrossAttention(d, cfg.num_heads, **kw)
+                              qk_norm=cfg.qk_norm, opts=opts, **kw)
+    self.cross_attn = CrossAttention(d, cfg.num_heads, opts=opts, **kw)
     self.mlp = Mlp(d, cfg.mlp_hidden, **kw)
 
   def __call__(self, x: jax.Array, y: jax.Array, mask: jax.Array, t0: jax.Array, hw: tuple[int, int]) -> jax.Array:
@@ -159,7 +161,7 @@ class PixArtSigma(nnx.Module):
     for stage in self.stages:
       tokens = self._run_stage(stage, tokens, y, mask, t0, (h, w))
 
-    out = self.final(tokens, t_emb)
+    out = constrain(self.final(tokens, t_emb), ACT)
     out = einops.rearrange(out, "b (h w) (p q c) -> b (h p) (w q) c", h=h, w=w, p=p, q=p)
     return out.astype(jnp.float32)
 

@@ -1,0 +1,235 @@
+"""Attention backends behind one enum: `xla` (the reference), `splash` (Pallas TPU kernel), `cudnn` (GPU).
+
+Axis legend: B batch, L query tokens, M key/value tokens, N heads, K head dim.
+
+`attend` is what the attention modules call: it picks the backend from `AttentionOptions` (falling back to
+`xla` below `min_seq` key/value tokens), and under an active mesh (`jax.set_mesh`) wraps the splash kernel in
+`jax.shard_map` (batch over the `batch` rule's axes, heads over `tensor`, query tokens over `sequence`).
+`attend_local` is the same computation on per-device blocks, for callers already inside a `shard_map`
+(`pixart_jax.parallel.context`).
+
+Splash details: q is pre-scaled by 1/sqrt(K) (the kernel does not scale); the head dim is zero-padded to a
+multiple of 128 and the token axes to block multiples; padded and masked keys get segment id 0 while every
+query has segment id 1, so the kernel's segment mask is exactly the key-padding mask. Softmax statistics are
+fp32 inside the kernel. On a non-TPU backend the kernel runs in Pallas interpret mode (slow; for tests).
+A sample whose key mask is all False gets the plain average of its values from `xla` (all logits equal -1e30);
+splash averages over its padded key block instead (zeros included) and cudnn is undefined there. PixArt
+captions always keep at least the EOS token, so this never arises in the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+import einops
+import jax
+import jax.numpy as jnp
+from flax.core import spmd
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import AxisType, PartitionSpec as P
+
+from pixart_jax.parallel.sharding import LOGICAL_RULES
+
+_MASK_VALUE = -1e30
+_LANES = 128
+
+
+class AttentionBackend(enum.Enum):
+  XLA = "xla"
+  SPLASH = "splash"
+  CUDNN = "cudnn"
+
+  @classmethod
+  def parse(cls, name: "str | AttentionBackend") -> "AttentionBackend":
+    if isinstance(name, cls):
+      return name
+    try:
+      return cls(str(name).lower())
+    except ValueError:
+      raise ValueError(f"unknown attention backend {name!r}; use one of {[b.value for b in cls]}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class SplashBlockSizes:
+  """Splash tile sizes (multiples of 128; block_kv a multiple of block_kv_compute). The backward kernels use
+  the same sizes. Each is clipped to the (128-rounded) sequence length."""
+  block_q: int = 512
+  block_kv: int = 512
+  block_kv_compute: int = 512
+
+  def __post_init__(self):
+    for name in ("block_q", "block_kv", "block_kv_compute"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v <= 0 or v % _LANES:
+        raise ValueError(f"splash {name} must be a positive multiple of {_LANES}, got {v!r}")
+    if self.block_kv % self.block_kv_compute:
+      raise ValueError(f"splash block_kv {self.block_kv} is not a multiple of block_kv_compute "
+                       f"{self.block_kv_compute}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+  """How attention runs (not what it computes). interpret=None: Pallas interpret mode iff not on a TPU."""
+  backend: AttentionBackend = AttentionBackend.XLA
+  min_seq: int = 1024
+  block_sizes: SplashBlockSizes = SplashBlockSizes()
+  interpret: bool | None = None
+  sequence_parallel: bool = False
+
+  @classmethod
+  def from_config(cls, cfg) -> "AttentionOptions":
+    """From a DiTConfig's `attention`, `attention_min_seq`, `splash_block_sizes`, `splash_interpret`,
+    `sequence_parallel` fields."""
+    return cls(backend=AttentionBackend.parse(cfg.attention), min_seq=cfg.attention_min_seq,
+               block_sizes=SplashBlockSizes(*cfg.splash_block_sizes), interpret=cfg.splash_interpret,
+               sequence_parallel=cfg.sequence_parallel)
+
+
+XLA_OPTIONS = AttentionOptions()
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """The reference: softmax(q k^T / sqrt(K)) v with fp32 logits and softmax.
+
+  q (B L N K), k v (B M N K), mask (B M) bool key mask (True = attend) or None -> (B L N K) in q's dtype.
+  """
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  logits = jnp.einsum("blnk,bmnk->bnlm", q, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None, :], logits, _MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum("bnlm,bmnk->blnk", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+def select_backend(opts: AttentionOptions, kv_len: int) -> AttentionBackend:
+  """The backend that runs for `kv_len` key/value tokens: opts.backend, or xla below opts.min_seq."""
+  return AttentionBackend.XLA if kv_len < opts.min_seq else opts.backend
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _fit_blocks(bs: SplashBlockSizes, q_len: int, kv_len: int) -> splash.BlockSizes:
+  bq = min(bs.block_q, _round_up(q_len, _LANES))
+  bkv = min(bs.block_kv, _round_up(kv_len, _LANES))
+  bkc = min(bs.block_kv_compute, bkv)
+  while bkv % bkc:  # largest multiple of 128 <= block_kv_compute that divides the clipped block_kv
+    bkc -= _LANES
+  return splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkc, block_q_dkv=bq, block_kv_dkv=bkv,
+                           block_kv_dkv_compute=bkc, block_q_dq=bq, block_kv_dq=bkv)
+
+
+def splash_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+                 block_sizes: SplashBlockSizes = SplashBlockSizes(), interpret: bool | None = None) -> jax.Array:
+  """Splash attention on one device's blocks. q (B L N K), k v (B M N K), mask (B M) bool -> (B L N K)."""
+  b, l, n, kd = q.shape
+  m = k.shape[1]
+  if interpret is None:
+    interpret = jax.default_backend() != "tpu"
+  blocks = _fit_blocks(block_sizes, l, m)
+  lp, mp, kp = _round_up(l, blocks.block_q), _round_up(m, blocks.block_kv), _round_up(kd, _LANES)
+  scale = 1.0 / math.sqrt(kd)
+  q = (q.astype(jnp.float32) * scale).astype(q.dtype)
+
+  def prep(t, length):  # (B T N K) -> (B N Tp Kp), zero padded
+    t = einops.rearrange(t, "b t n k -> b n t k")
+    return jnp.pad(t, ((0, 0), (0, 0), (0, length - t.shape[2]), (0, kp - kd)))
+
+  qp, kpad, vpad = prep(q, lp), prep(k, mp), prep(v, mp)
+  kernel = splash.make_splash_mha(splash.MultiHeadMask([splash.FullMask((lp, mp))] * n), block_sizes=blocks,
+                                  head_shards=1, q_seq_shards=1, interpret=interpret)
+  if mask is None and mp == m:
+    out = jax.vmap(kernel)(qp, kpad, vpad)
+  else:
+    valid = jnp.ones((b, m), jnp.int32) if mask is None else mask.astype(jnp.int32)
+    kv_ids = jnp.pad(valid, ((0, 0), (0, mp - m)))  # padded keys: segment 0, never attended
+    q_ids = jnp.ones((b, lp), jnp.int32)
+    out = jax.vmap(lambda a, c, d, qi, ki: kernel(a, c, d, segment_ids=splash.SegmentIds(qi, ki)))(
+        qp, kpad, vpad, q_ids, kv_ids)
+  return einops.rearrange(out[:, :, :l, :kd], "b n l k -> b l n k").astype(q.dtype)
+
+
+def cudnn_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """cuDNN flash attention (GPU only, bf16/fp16). Shapes as `dot_product_attention`."""
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"attention backend 'cudnn' needs a GPU, but JAX runs on {jax.default_backend()!r}; "
+                     "use attention='xla' (or 'splash' on TPU)")
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention backend 'cudnn' needs bfloat16 or float16 activations, got {q.dtype}; "
+                     "use attention='xla' for float32")
+  m4 = None  # cuDNN takes the mask as a (B 1 L M) bias: the query axis cannot broadcast
+  if mask is not None:
+    m4 = jnp.broadcast_to(mask.astype(bool)[:, None, None, :], (q.shape[0], 1, q.shape[1], k.shape[1]))
+  return jax.nn.dot_product_attention(q, k, v, mask=m4, implementation="cudnn")
+
+
+def attend_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+                 opts: AttentionOptions = XLA_OPTIONS) -> jax.Array:
+  """Dispatch without any sharding logic (per-device blocks or a single device). Shapes as
+  `dot_product_attention`."""
+  backend = select_backend(opts, k.shape[1])
+  if backend is AttentionBackend.SPLASH:
+    return splash_local(q, k, v, mask, block_sizes=opts.block_sizes, interpret=opts.interpret)
+  if backend is AttentionBackend.CUDNN:
+    return cudnn_local(q, k, v, mask)
+  return dot_product_attention(q, k, v, mask)
+
+
+def auto_mesh():
+  """The enclosing mesh if it has an axis of size > 1 that is not already manual (else None)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return None
+  free = [a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual and mesh.shape[a] > 1]
+  return mesh if free else None
+
+
+def dim_axes(mesh, axes, size: int):
+  """The non-manual mesh axes among `axes` (in order) whose running product divides `size`; a
+  PartitionSpec entry (None, one name, or a tuple)."""
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  kept, prod = [], 1
+  for a in axes:
+    if a in types and mesh.shape[a] > 1 and types[a] != AxisType.Manual:
+      if size % (prod * mesh.shape[a]) == 0:
+        kept.append(a)
+        prod *= mesh.shape[a]
+  return None if not kept else kept[0] if len(kept) == 1 else tuple(kept)
+
+
+def batch_axes() -> tuple[str, ...]:
+  """Mesh axes of the logical `batch` axis under the enclosing rules."""
+  axes = dict(spmd.get_logical_axis_rules() or LOGICAL_RULES).get("batch")
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _splash_sharded(q, k, v, mask, opts: AttentionOptions, mesh) -> jax.Array:
+  b, l, n, _ = q.shape
+  bspec = dim_axes(mesh, batch_axes(), b)
+  hspec = dim_axes(mesh, ("tensor",), n)
+  lspec = dim_axes(mesh, ("sequence",), l)
+  free = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual}  # made manual here
+  q_spec, kv_spec = P(bspec, lspec, hspec, None), P(bspec, None, hspec, None)
+  fn = lambda q_, k_, v_, m_: splash_local(q_, k_, v_, m_, block_sizes=opts.block_sizes, interpret=opts.interpret)
+  m_spec = None if mask is None else P(bspec, None)
+  # check_vma=False: pallas_call outputs carry no varying-axes type.
+  return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, m_spec), out_specs=q_spec,
+                       axis_names=free, check_vma=False)(q, k, v, mask)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+           opts: AttentionOptions = XLA_OPTIONS) -> jax.Array:
+  """Attention by the configured backend. q (B L N K), k v (B M N K), mask (B M) bool or None -> (B L N K).
+
+  Splash under a mesh runs inside `jax.shard_map` (the kernel is per-device); xla and cudnn are left to the
+  compiler's partitioner.
+  """
+  backend = select_backend(opts, k.shape[1])
+  if backend is AttentionBackend.SPLASH:
+    mesh = auto_mesh()
+    if mesh is not None:
+      return _splash_sharded(q, k, v, mask, opts, mesh)
+  return attend_local(q, k, v, mask, opts=opts)
+
