@@ -1,0 +1,110 @@
+"""The memory planner (pixart_jax.plan / parallel.planning) and the analytic FLOP counter (models.flops)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from pixart_jax.models import flops
+from pixart_jax.models.config import get_preset
+from pixart_jax.models.dit import PixArtSigma
+from pixart_jax.parallel import planning
+from pixart_jax.parallel.mesh import make_mesh
+from pixart_jax.plan import main as plan_main
+from pixart_jax.train.optimizers import OptimizerConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def analytic_params(cfg) -> int:
+  """Parameter count from the architecture (spec 2.12 generalised; no micro-conditions, no KV compression)."""
+  d, dm, p, c, co, dc = (cfg.hidden_size, cfg.mlp_hidden, cfg.patch_size, cfg.in_channels, cfg.out_channels,
+                         cfg.caption_channels)
+  embed = (p * p * c * d + d) + (256 * d + d + d * d + d) + (d * 6 * d + 6 * d) + (dc * d + d + d * d + d)
+  block = 6 * d + 8 * (d * d + d) + (d * dm + dm) + (dm * d + d)
+  final = 2 * d + d * p * p * co + p * p * co
+  return embed + cfg.depth * block + final
+
+
+def test_analytic_param_formula_is_the_spec_count():
+  assert analytic_params(get_preset("sigma-xl2-1024-ms")) == 610_856_096  # spec 2.12
+
+
+def test_train_plan_tiny_fsdp8():
+  mesh = make_mesh([("fsdp", 8)])
+  cfg = get_preset("tiny")
+  work = planning.Workload(cfg, (8, 8), 8, dtype=jnp.float32)
+  adamw = OptimizerConfig.from_dict(dict(name="adamw", betas=(0.9, 0.999), eps=1e-8))
+  p = planning.plan_train(work, mesh, optimizer=adamw)
+  total = analytic_params(cfg)
+  assert p.total_params == total
+  even = total * 4 / 8  # fp32 parameters split over 8 devices
+  assert even <= p.params <= 1.15 * even, (p.params, even)  # only small vectors (biases, norms) stay replicated
+  assert abs(p.optimizer - 2 * p.params) <= 64  # AdamW: mu and nu shaped like the params (+ a step counter)
+  assert p.temp > 0 and p.argument >= p.params + p.optimizer + p.inputs
+  assert p.alias > 0  # the state is donated
+  assert p.peak == p.argument + p.output - p.alias + p.temp + p.code
+  assert p.flops_analytic == pytest.approx(flops.dit_train_flops(cfg, 8, 8, cfg.max_caption_len, 8) / 8)
+  assert all(v.startswith("fits") for v in p.verdicts().values())
+
+
+def test_plan_cli_json_parses():
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, "-m", "pixart_jax.plan", "--preset", "tiny", "--mesh", "fsdp=4,data=2",
+                        "--what", "sample", "--dtype", "float32", "--json"], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  doc = json.loads(out.stdout.strip().splitlines()[-1])
+  (p,) = doc["plans"]
+  assert p["what"] == "sample" and p["devices"] == 8 and p["mesh"]["fsdp"] == 4 and p["mesh"]["data"] == 2
+  assert p["total_params"] == analytic_params(get_preset("tiny"))
+  assert p["params"] < p["total_params"] * 4 / 2  # sharded 4 ways over fsdp
+  assert p["temp"] > 0 and p["batch"] == 8 and set(p["verdicts"]) == set(planning.HBM_BYTES)
+  cfg = get_preset("tiny")
+  want = flops.sampling_flops(cfg, 8, 8, 20, batch=8, guidance=True, caption_len=cfg.max_caption_len) / 8
+  assert p["flops_analytic"] == pytest.approx(want)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--preset", "tiny", "--mesh", "fsdp"], "AXIS=SIZE"),
+    (["--preset", "tiny", "--mesh", "fsdp=8", "--res", "100x64"], "multiples of 8"),
+    (["--preset", "nope", "--mesh", "fsdp=8"], "unknown DiT preset"),
+    (["--preset", "tiny", "--mesh", "fsdp=8", "--what", "eval"], "--what"),
+    (["--preset", "tiny", "--mesh", "fsdp=4"], "already runs jax with 8 devices"),  # in-process: no re-exec
+])
+def test_plan_cli_bad_input(argv, msg, monkeypatch):
+  for var in ("XLA_FLAGS", "JAX_PLATFORMS"):  # main() sets them; restore after the test
+    monkeypatch.setenv(var, os.environ.get(var, ""))
+  with pytest.raises(SystemExit, match=msg):
+    plan_main(argv)
+
+
+def test_flops_reproduce_spec_table():
+  """Spec 3.6: MACs of one forward, no CFG, 300 caption tokens, R = 2 in layers 14-27."""
+  macs = lambda name, s, **kw: flops.dit_forward_flops(get_preset(name, **kw), s, s, 300) / 2
+  assert macs("sigma-xl2-1024-ms", 128) / 1e12 == pytest.approx(3.31, abs=0.01)
+  assert macs("sigma-xl2-1024-ms-kv", 128) / 1e12 == pytest.approx(2.91, abs=0.01)
+  assert macs("sigma-xl2-2k-ms", 256) / 1e12 == pytest.approx(26.18, abs=0.01)
+  assert macs("sigma-xl2-2k-ms-kv", 256) / 1e12 == pytest.approx(19.69, abs=0.01)
+  no_kv, kv = macs("sigma-xl2-4k", 512, kv_compress_layers=()), macs("sigma-xl2-4k", 512)
+  assert no_kv / 1e12 == pytest.approx(312.46, abs=0.01) and kv / 1e12 == pytest.approx(208.56, abs=0.01)
+  assert 1 - kv / no_kv == pytest.approx(0.333, abs=0.001)
+
+
+def test_flops_match_xla_count_of_unrolled_forward():
+  """The analytic count vs XLA's cost analysis of the unscanned forward (which also counts elementwise ops)."""
+  cfg = get_preset("tiny", depth=3, kv_compress_layers=(2,))
+  model = nnx.eval_shape(lambda: PixArtSigma(cfg, scan=False, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  fwd = jax.jit(lambda st, x, t, y, m: nnx.merge(graphdef, st)(x, t, y, m))
+  sds = jax.ShapeDtypeStruct
+  compiled = fwd.lower(state, sds((2, 16, 16, 4), jnp.float32), sds((2,), jnp.float32),
+                       sds((2, cfg.max_caption_len, cfg.caption_channels), jnp.float32),
+                       sds((2, cfg.max_caption_len), jnp.int32)).compile()
+  xla = compiled.cost_analysis()["flops"]
+  ours = flops.dit_forward_flops(cfg, 16, 16, cfg.max_caption_len, batch=2)
+  assert 0.9 * xla <= ours <= xla, (ours, xla)
