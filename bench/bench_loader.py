@@ -14,7 +14,7 @@ just written), so this measures the CPU side of the loader, not the disk or GCS.
 Consumption: training FLOPs per image of XL/2 (hidden 1152, depth 28, patch 2, 300 caption tokens)
 counted analytically (3 x forward matmul + attention FLOPs), at --mfu of the --device's bf16 peak,
 times --chips_per_host; or --measured_steps_per_s x per-host batch when a measured rate is known.
-Results are recorded in bench/RESULTS_data.md.
+Results are recorded in bench/results/data.md (merged into bench/RESULTS.md).
 """
 from __future__ import annotations
 

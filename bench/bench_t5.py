@@ -6,7 +6,7 @@
 The transformers model gets random weights, is saved with `save_pretrained` and loaded with
 `pixart_jax.convert.t5_keys.load_t5`, so both sides compute the same function (checked before
 timing). Each side is warmed up (our first call compiles), then timed over `--runs` calls, the two sides
-alternating; the table reports the median. Results are recorded in bench/RESULTS_t5.md.
+alternating; the table reports the median. Results are recorded in bench/results/t5.md (merged into bench/RESULTS.md).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@
 Both models get the same random weights (diffusers -> save_pretrained -> load_vae; outputs compared before
 the table). Timing protocol of bench/common.py: a warm-up call (compile for JAX), then the median of `--runs`
 calls; JAX calls end with `block_until_ready`. torch is timed twice: default NCHW and `channels_last` (its
-NHWC memory format, the fairer match for XLA's NHWC convs). Results: bench/RESULTS_vae.md.
+NHWC memory format, the fairer match for XLA's NHWC convs). Results: bench/results/vae.md.
 """
 from __future__ import annotations
 
