@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from pixart_jax.data import buckets
 from pixart_jax.diffusion import samplers
 from pixart_jax.diffusion.guidance import cfg_model_fn
+from pixart_jax.images import to_uint8
 from pixart_jax.models.dit import PixArtSigma
 from pixart_jax.models.text_encoder import TextEncoder
 from pixart_jax.models.vae import AutoencoderKL
@@ -65,12 +66,6 @@ def resize_cover_crop(images: jax.Array, height: int, width: int) -> jax.Array:
   out = jax.image.resize(images, (b, rh, rw, c), method="bilinear", antialias=False)
   y0, x0 = (rh - height) // 2, (rw - width) // 2
   return out[:, y0:y0 + height, x0:x0 + width]
-
-
-def to_uint8(images: jax.Array) -> np.ndarray:
-  """[-1, 1] floats -> uint8, as diffusers' postprocess."""
-  x = np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
-  return np.round(x * 255).astype(np.uint8)
 
 
 class Pipeline:

@@ -9,7 +9,6 @@ contact sheet. Progress shows the stages (encode, compile, sample, decode) of ev
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -66,31 +65,6 @@ def _slug(text: str, n: int = 40) -> str:
   return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "empty"
 
 
-def contact_sheet(images, cols: int | None = None):
-  """(N, H, W, 3) uint8 (same size) -> one PIL grid image."""
-  import numpy as np
-  from PIL import Image
-
-  n, h, w, _ = images.shape
-  cols = cols or int(np.ceil(np.sqrt(n)))
-  rows = int(np.ceil(n / cols))
-  sheet = np.full((rows * h, cols * w, 3), 255, np.uint8)
-  for i, img in enumerate(images):
-    r, c = divmod(i, cols)
-    sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
-  return Image.fromarray(sheet)
-
-
-def save_png(image, path: pathlib.Path, meta: dict) -> None:
-  from PIL import Image
-  from PIL.PngImagePlugin import PngInfo
-
-  info = PngInfo()
-  for k, v in meta.items():
-    info.add_text(k, v if isinstance(v, str) else json.dumps(v))
-  Image.fromarray(image).save(path, pnginfo=info)
-
-
 def main(argv):
   del argv
   import jax.numpy as jnp
@@ -98,6 +72,7 @@ def main(argv):
   from tqdm import tqdm
 
   import pixart_jax as pj
+  from pixart_jax.images import contact_sheet, save_png
 
   logging.getLogger().setLevel(logging.INFO)
   if FLAGS.compilation_cache_dir:

@@ -29,7 +29,7 @@ import jax, jax.numpy as jnp, numpy as np
 from PIL import Image
 from IPython.display import display
 import pixart_jax as pj
-from pixart_jax.sample import contact_sheet
+from pixart_jax.images import contact_sheet
 print(jax.devices())"""),
     code("""if CPU_DEMO:
     import tempfile

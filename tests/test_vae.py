@@ -2,7 +2,7 @@
 
 Parity: random diffusers weights (GroupNorm scale/bias and every bias randomized too) saved with
 `save_pretrained`, loaded with `load_vae`; encode moments and decode compared at max relative error <= 1e-5.
-Tiling: tiled vs untiled on a random 4-level VAE (bounds measured in bench/RESULTS_vae.md).
+Tiling: tiled vs untiled on a random 4-level VAE (bounds measured in bench/results/vae.md).
 """
 import dataclasses
 import json
@@ -303,7 +303,7 @@ def test_decode_tiled_whole_image_is_exact(tile_case):
 def test_decode_tiled_error_bound_and_one_compile(tile_case):
   """Tiled vs untiled. Per-tile GroupNorm statistics and attention make them differ a little everywhere; the
   zero-padded tile borders make them differ a lot within ~3 latent cells of a tile edge, which an overlap
-  larger than that zone blends away. Measured values: bench/RESULTS_vae.md."""
+  larger than that zone blends away. Measured values: bench/results/vae.md."""
   vae, z, full = tile_case
   scale = float(jnp.abs(full).max())
   before = vae_tiling._decode_tile._cache_size()

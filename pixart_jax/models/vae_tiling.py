@@ -17,7 +17,7 @@ the whole image reproduces the untiled result exactly.
 Tiled and untiled results are NOT identical: each tile sees its own GroupNorm statistics and the mid-block
 attention only sees the tile, and outputs within ~3 latent cells of a tile edge are corrupted by the
 zero padding (the ramps, over an overlap of >= 8 latent cells, blend those away). Measured on the SDXL
-layout with random weights (bench/RESULTS_vae.md): decode with latents N(0,1)/0.13025 differs by <= ~8% of
+layout with random weights (bench/results/vae.md): decode with latents N(0,1)/0.13025 differs by <= ~8% of
 the output range at the max and ~0.5% on average; encode of a smooth image differs much more (~45% max,
 ~2% mean on the posterior mean) because tile-local GroupNorm statistics follow the tile's content. Prefer
 untiled `encode` for dataset preparation; `encode_tiled` is for when memory leaves no choice.
