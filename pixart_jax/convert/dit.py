@@ -139,7 +139,8 @@ def load_transformer(src: str | os.PathLike, *, config: DiTConfig | str | None =
   """Loads PixArt-Sigma weights into our NNX model.
 
   src: diffusers `transformer/` dir, a pipeline dir, an official `.pth`, an Orbax dir written by
-    `python -m pixart_jax.convert`, or a Hub id (needs network).
+    `python -m pixart_jax.convert`, a training workdir of ours (newest checkpoint, EMA if kept), or a Hub id.
+    Our own checkpoints load into `config` (when given) by the weak-to-strong rules of `convert.ours`.
   config: DiTConfig or preset name; required for a `.pth` whose file name does not identify the checkpoint.
   mesh: when given, parameters are placed directly into their shardings (`rules` maps logical axes).
   allow_missing: documented non-strict rule for weak-to-strong loading, e.g. new KV-compression layers
@@ -147,11 +148,14 @@ def load_transformer(src: str | os.PathLike, *, config: DiTConfig | str | None =
   """
   if isinstance(config, str):
     config = PRESETS[config]
-  from pixart_jax.convert import orbax_io
+  from pixart_jax.convert import orbax_io, ours
 
-  if orbax_io.is_orbax_dir(src):
+  if orbax_io.is_orbax_dir(src) and config is None:
     return orbax_io.load_transformer_orbax(src, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules,
                                            remat=remat, scan=scan)
+  if ours.is_ours(src):  # a training workdir, or an Orbax dir loaded into a (new) config: weak-to-strong rules
+    return _load_ours(src, config or ours.saved_config(src), dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                      rules=rules, remat=remat, scan=scan, progress=progress)
   local = resolve_local(src, allow_patterns=["transformer/*", "*.json", "*.safetensors", "*.pth"])
   if local.is_file() and local.suffix in _TORCH_SUFFIXES:
     cfg = config or _preset_from_filename(local.name)
@@ -183,6 +187,25 @@ def load_transformer(src: str | os.PathLike, *, config: DiTConfig | str | None =
                        allow_missing=allow_missing or (lambda p: False), progress=progress)
   for p in [p for p in targets if p not in flat]:  # only reachable through allow_missing
     flat[p] = _weak_to_strong_init(cfg, p, targets[p])
+  unflatten_into(state, flat)
+  return nnx.merge(graphdef, state)
+
+
+def _load_ours(src, cfg: DiTConfig, *, dtype, param_dtype, mesh, rules, remat, scan, progress) -> PixArtSigma:
+  """Our checkpoint (workdir / Orbax dir) into a model of config `cfg` (`convert.ours`, weak-to-strong rules)."""
+  from pixart_jax.convert import ours
+
+  abstract = nnx.eval_shape(lambda: PixArtSigma(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan,
+                                                rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  targets = flat_targets(state)
+  shardings = None
+  if mesh is not None:
+    shardings = {tuple(p): s for p, s in nnx.to_flat_state(state_shardings(state, mesh, rules))}
+  flat = ours.load_ours(src, cfg, targets, shardings=shardings, progress=progress)
+  for p in [p for p in targets if p not in flat]:  # only the KV-compression parameters (allow_missing)
+    arr = _weak_to_strong_init(cfg, p, targets[p])
+    flat[p] = jax.device_put(arr, shardings[p]) if shardings else arr
   unflatten_into(state, flat)
   return nnx.merge(graphdef, state)
 

@@ -1,0 +1,25 @@
+r"""PixArt-Sigma XL/2 at 2K, multi-aspect, no KV compression (the official 2K config as shipped, spec 3.3 / 4.3).
+
+The official `PixArt_sigma_xl2_img2K_internalms_kvcompress.py` sets kv_compress=False, so it trains this model:
+ASPECT_RATIO_2048 buckets, pe_interpolation 4.0, warmup 100, CAME lr 2e-5, starting from the 1024 px weights.
+Official batch 4 per GPU; `data.batch_size` is the GLOBAL batch, lr = 2e-5 * sqrt(batch / 256). At 2K (16,384
+tokens) consider --config.mesh="(('fsdp',-1),('sequence',2))" when activations do not fit.
+
+Train (every host of the slice):
+  python -m pixart_jax.train --config configs/pixart_sigma_2k_ms.py \
+      --workdir gs://BUCKET/runs/sigma2k --config.data.dir gs://BUCKET/data/sigma2k
+CPU smoke run:
+  python -m pixart_jax.train --config configs/pixart_sigma_2k_ms.py:smoke --workdir /tmp/sigma2k_smoke
+"""
+from pixart_jax.train import config_defaults as common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, smoke=False)
+  c = common.base_config(preset="sigma-xl2-2k-ms", table="2048", batch_size=128, warmup=100)
+  c.steps = 10_000
+  c.init_from = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
+  if arg.smoke:
+    common.smoke(c)
+    c.init_from = None
+  return c

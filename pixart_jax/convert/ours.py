@@ -1,0 +1,193 @@
+"""Our own checkpoints as weight sources: a training workdir or an Orbax dir from `python -m pixart_jax.convert`.
+
+Both are read as a flat tensor source keyed by our parameter paths ("blocks.attn.q.kernel") and loaded with
+`load_strict` through an identity key map into a model of a (possibly NEW) config, with the documented
+weak-to-strong rules (spec 4.9):
+  * PE interpolation / sample size changes: config only (the position embedding is recomputed, never stored);
+  * new KV-compression parameters absent from the checkpoint: their average init (`dit._weak_to_strong_init`,
+    conv 1/R^2, bias 0, LayerNorm (1, 0)), allowed by `dit.kv_compress_missing`;
+  * micro-condition embedders (PixArt-alpha csize/ar) in the checkpoint but not in the new model: dropped.
+Anything else that does not fit (other depth/width, missing blocks) is a `WeightLoadError` naming the keys.
+
+Workdir: the newest step under `<workdir>/checkpoints/` whose items restore; its `ema` item if present (the
+weights to continue from), else `state.params`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import numpy as np
+from etils import epath
+
+from pixart_jax.convert.sources import DictSource
+from pixart_jax.convert.strict import Put
+
+MICRO_PREFIX = "micro"
+
+
+def _path(path) -> epath.Path:
+  """Local paths made absolute (Orbax needs that); gs:// and other URLs kept."""
+  s = os.fspath(path)
+  return epath.Path(s if "://" in s else os.path.abspath(s))
+
+
+def is_workdir(path: str | os.PathLike) -> bool:
+  """A training workdir of ours (local or gs://): `<path>/checkpoints/<step>/` with a `state` item."""
+  p = _path(path)
+  ck = p / "checkpoints"
+  return ck.is_dir() and any(d.name.isdigit() and (d / "state").is_dir() for d in ck.iterdir())
+
+
+def _flatten(tree, prefix=()) -> dict[str, np.ndarray]:
+  out = {}
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      out.update(_flatten(v, prefix + (str(k),)))
+  elif isinstance(tree, (list, tuple)):
+    for i, v in enumerate(tree):
+      out.update(_flatten(v, prefix + (str(i),)))
+  elif hasattr(tree, "shape"):
+    if prefix and prefix[-1] == "value":  # an nnx Variable stored as a node (Orbax dirs of `convert`)
+      prefix = prefix[:-1]
+    out[".".join(prefix)] = np.asarray(tree)
+  return out
+
+
+def _restore_tree(path):
+  """The whole array tree of an Orbax item onto this process's first device (any saving topology)."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  ckptr = ocp.StandardCheckpointer()
+  path = _path(path)
+  meta = ckptr.metadata(path)
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
+  return ckptr.restore(path, target)
+
+
+def workdir_step(workdir: str | os.PathLike) -> int:
+  """The newest checkpoint step of a workdir."""
+  ck = _path(workdir) / "checkpoints"
+  steps = sorted(int(d.name) for d in ck.iterdir() if d.name.isdigit() and (d / "state").is_dir())
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint step under {ck}")
+  return steps[-1]
+
+
+def open_workdir(workdir: str | os.PathLike, *, use_ema: bool = True) -> DictSource:
+  """The newest checkpoint's EMA (or params) as a flat source keyed by dotted parameter paths."""
+  wd = _path(workdir)
+  step = workdir_step(wd)
+  sdir = wd / "checkpoints" / str(step)
+  if use_ema and (sdir / "ema").is_dir():
+    flat, what = _flatten(_restore_tree(sdir / "ema")), "ema"
+  else:
+    state = _restore_tree(sdir / "state")
+    if "params" not in state:
+      raise ValueError(f"checkpoint {sdir}/state has no params (items {sorted(state)})")
+    flat, what = _flatten(state["params"]), "params"
+  return DictSource(flat, name=f"{wd} step {step} ({what})")
+
+
+def open_orbax(path: str | os.PathLike) -> DictSource:
+  """A converted Orbax dir (`DIR/params`) as a flat source keyed by dotted parameter paths."""
+  p = pathlib.Path(path)
+  return DictSource(_flatten(_restore_tree(p / "params")), name=str(p))
+
+
+def is_ours(src) -> bool:
+  from pixart_jax.convert import orbax_io
+
+  return is_workdir(src) or orbax_io.is_orbax_dir(src)
+
+
+def open_ours(src: str | os.PathLike) -> DictSource:
+  """The checkpoint as a per-layer flat source (`unstack_layers` keys)."""
+  from pixart_jax.convert import orbax_io
+
+  if is_workdir(src) or orbax_io.is_orbax_dir(src):
+    raw = open_workdir(src) if is_workdir(src) else open_orbax(src)
+    return DictSource(unstack_layers(raw._t, saved_config(src)), name=raw.name)
+  raise FileNotFoundError(f"{src} is neither a training workdir (checkpoints/<step>/state) nor an Orbax dir "
+                          f"({orbax_io.CONFIG_FILE} + params/)")
+
+
+def saved_config(src: str | os.PathLike):
+  """The DiTConfig the checkpoint was written with (workdir: config.json's model; Orbax: pixart_config.json)."""
+  from pixart_jax.convert import orbax_io
+
+  p = _path(src)
+  if orbax_io.is_orbax_dir(src):
+    return orbax_io.config_from_json(json.loads((p / orbax_io.CONFIG_FILE).read_text()))
+  cfg_file = p / "config.json"
+  if not cfg_file.exists():
+    raise FileNotFoundError(f"workdir {p} has no config.json: pass the model config explicitly")
+  from pixart_jax.models.config import get_preset
+
+  model = json.loads(cfg_file.read_text())["model"]
+  overrides = {k: v for k, v in model["overrides"].items() if v is not None}
+  if "kv_compress_layers" in overrides:
+    overrides["kv_compress_layers"] = tuple(int(i) for i in overrides["kv_compress_layers"])
+  return get_preset(model["preset"], **overrides)
+
+
+def unstack_layers(flat: dict[str, np.ndarray], cfg) -> dict[str, np.ndarray]:
+  """"stages.<s>.<rest>" (stacked, leading axis = layers of stage s) -> "layers.<i>.<rest>" per global layer i.
+
+  Stages depend on the KV-compression layout, layers do not: this is what lets a checkpoint load into a model
+  whose stages differ (an uncompressed one into a KV-compressed one).
+  """
+  stages = list(cfg.stages())
+  out = {}
+  for key, arr in flat.items():
+    parts = key.split(".")
+    if parts[0] != "stages":
+      out[key] = arr
+      continue
+    s = int(parts[1])
+    if s >= len(stages):
+      raise ValueError(f"checkpoint key {key}: its config has only {len(stages)} stages")
+    start, count, _ = stages[s]
+    if arr.shape[0] != count:
+      raise ValueError(f"checkpoint key {key} has {arr.shape[0]} stacked layers, its config says {count}")
+    for j in range(count):
+      out[".".join(["layers", str(start + j)] + parts[2:])] = np.ascontiguousarray(arr[j])
+  return out
+
+
+def layer_keymap(targets, cfg):
+  """Key map of `unstack_layers` keys onto the target paths of a model of config `cfg` (identity elsewhere)."""
+  names = {".".join(str(x) for x in p): Put(p) for p in targets if p[0] != "stages"}
+  for s, (start, count, _) in enumerate(cfg.stages()):
+    for p in targets:
+      if p[0] == "stages" and p[1] == s:
+        for j in range(count):
+          names[".".join(["layers", str(start + j)] + [str(x) for x in p[2:]])] = Put(p, index=j)
+
+  def keymap(key: str):
+    hit = names.get(key)
+    return None if hit is None else [hit]
+
+  return keymap
+
+
+def load_ours(src, cfg, targets, *, shardings=None, progress: bool = False) -> dict:
+  """`{path: array}` for `targets` (model of config `cfg`) from our checkpoint `src`, by the weak-to-strong rules
+  (new KV-compression parameters are left out of the result: the caller gives them their init)."""
+  from pixart_jax.convert.dit import kv_compress_missing
+  from pixart_jax.convert.strict import load_strict
+
+  with open_ours(src) as source:
+    return load_strict(targets, source, layer_keymap(targets, cfg), drop=drop_rule(targets), shardings=shardings,
+                       allow_missing=kv_compress_missing, progress=progress)
+
+
+def drop_rule(targets):
+  """Source keys dropped by the weak-to-strong rules: micro-condition weights the new model has no place for."""
+  has_micro = any(p[0] == MICRO_PREFIX for p in targets)
+  return lambda key: not has_micro and key.split(".")[0] == MICRO_PREFIX

@@ -1,0 +1,162 @@
+"""Shared pieces of the training configs (`configs/*.py` import this as `common`): `parse_arg`, the default experiment, and the `smoke` shrinker.
+
+A config file defines `get_config(arg=None)`; `arg` is the text after `:` in `--config=configs/FILE.py:ARG`,
+e.g. `:smoke` or `:smoke=True,steps=50`, parsed by `parse_arg` (big_vision style) against typed defaults.
+
+Fields of the experiment (every recipe has all of them; `lock_config=True` makes a typo in an override an error):
+
+  seed                        the run's seed (init, noise, data order)
+  model.preset                a `pixart_jax.models.config` preset name
+  model.overrides.<field>     any DiTConfig field; None keeps the preset's value
+  model.dtype / param_dtype   compute dtype (bfloat16 on accelerators) / parameter storage (float32)
+  model.remat, model.scan     remat policy (none | full | dots | dots_no_batch), scanned blocks
+  mesh                        ((axis, size), ...) over data / fsdp / tensor / sequence; one size may be -1
+  sharding_rules              ((logical name, mesh axes), ...) replacing entries of parallel.sharding.LOGICAL_RULES
+  data.*                      the input pipeline (dir of prepared records, or synthetic=True), global batch
+  optimizer.*                 came | adamw, lr (at batch 256; see auto_lr), betas, eps, weight_decay, clip, warmup,
+                              auto_lr: 'sqrt' (official: lr * sqrt(global_batch / 256)), 'linear' or 'none'
+  grad_accum                  micro-batches per update (the global batch is split K ways inside the step)
+  ema.rate                    None = no EMA (the official Sigma script keeps none), e.g. 0.9999
+  steps, log_every, ckpt_every, keep   run length, logging and checkpoint cadence, checkpoints kept
+  sample.*                    sampling grid every `sample.every` steps (0 = off)
+  init_from                   weights to start from when the workdir has no checkpoint: released weights (.pth,
+                              diffusers dir, Hub id), an Orbax dir from `convert`, or another run's workdir
+                              (weak-to-strong rules: new KV layers at average init, PE change, dropped micro-conds)
+  lora.*                      rank (None = full fine-tune), alpha, targets, rslora: train adapters only
+  class_dropout_prob          caption dropout for classifier-free guidance (0.1)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections as mlc
+from ml_collections import config_dict
+
+from pixart_jax.models.config import DiTConfig
+
+
+SAMPLE_PROMPTS = (
+    "a photo of a corgi wearing sunglasses on a beach", "a watercolor painting of a lighthouse at dawn",
+    "an astronaut riding a horse on the moon, cinematic", "a bowl of ramen with chopsticks, studio lighting",
+    "a cozy wooden cabin in a snowy forest at night", "portrait of an old fisherman, film grain",
+    "a futuristic city skyline with flying cars at sunset", "macro shot of a dew drop on a green leaf",
+)
+
+
+def parse_arg(arg: str | None, **spec) -> mlc.ConfigDict:
+  """Parses `"a=1,b=x,flag"` against typed defaults `spec`; a bare name sets a bool to True.
+
+  Unknown names and values that do not parse as the default's type raise ValueError naming them.
+  """
+  out = mlc.ConfigDict(spec)
+  if not arg:
+    return out
+  for token in (t.strip() for t in arg.split(",")):
+    if not token:
+      continue
+    name, _, value = token.partition("=")
+    name = name.strip()
+    if name not in spec:
+      raise ValueError(f"unknown config argument {name!r} in {arg!r}; known: {sorted(spec)}")
+    default = spec[name]
+    if not _:
+      if not isinstance(default, bool):
+        raise ValueError(f"config argument {name!r} needs a value ({name}=...)")
+      out[name] = True
+      continue
+    out[name] = _parse_value(name, value.strip(), default)
+  return out
+
+
+def _parse_value(name: str, value: str, default):
+  if isinstance(default, bool):
+    low = value.lower()
+    if low in ("1", "true", "yes", "on"):
+      return True
+    if low in ("0", "false", "no", "off"):
+      return False
+    raise ValueError(f"config argument {name}={value!r} is not a boolean")
+  if default is None or isinstance(default, str):
+    return value
+  try:
+    return type(default)(value)
+  except ValueError:
+    raise ValueError(f"config argument {name}={value!r} is not a {type(default).__name__}") from None
+
+
+def _dit_overrides() -> mlc.ConfigDict:
+  """One typed placeholder (None = keep the preset) per DiTConfig field."""
+  types = {"int": int, "float": float, "bool": bool, "str": str}
+  out = {}
+  for f in dataclasses.fields(DiTConfig):
+    t = str(f.type)
+    kind = tuple if t.startswith("tuple") else types.get(t, str)
+    out[f.name] = config_dict.placeholder(kind)
+  return mlc.ConfigDict(out)
+
+
+def base_config(*, preset: str, table: str | None, batch_size: int, warmup: int, lr: float = 2e-5,
+                interpolation: float | None = None) -> mlc.ConfigDict:
+  """The official Sigma recipe (spec 4.3) around a preset; recipe files change only what differs."""
+  c = mlc.ConfigDict()
+  c.seed = 43  # official `seed`
+  c.model = mlc.ConfigDict(dict(preset=preset, overrides=_dit_overrides(), dtype="bfloat16", param_dtype="float32",
+                                remat="full", scan=True))
+  if interpolation is not None:
+    c.model.overrides.interpolation_scale = interpolation
+  c.mesh = (("fsdp", -1),)
+  c.sharding_rules = ()
+  c.data = mlc.ConfigDict(dict(
+      dir=config_dict.placeholder(str),  # prepared ArrayRecord dataset (pixart_jax.prepare)
+      synthetic=False,                   # random records with the real structure (benchmarks, smoke runs)
+      table=table,                       # bucket table the dataset must have been prepared with (checked);
+                                         # None = single scale / unchecked
+      batch_size=batch_size,             # GLOBAL batch per optimizer update
+      real_prompt_ratio=0.5,             # share of short (original) captions vs long ones
+      num_workers=0,                     # Grain multiprocess prefetch workers per host
+      shuffle_seed=config_dict.placeholder(int),  # None = the run seed
+      synthetic_buckets=(),              # synthetic=True: ((H, W) pixels, ...); () = the table's square bucket
+      synthetic_examples=64,             # synthetic=True: records per bucket
+  ))
+  c.optimizer = mlc.ConfigDict(dict(name="came", lr=lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16),
+                                    weight_decay=0.0, clip=0.01, warmup=warmup, auto_lr="sqrt", base_batch=256,
+                                    clip_threshold=1.0))
+  c.grad_accum = 1
+  c.ema = mlc.ConfigDict(dict(rate=config_dict.placeholder(float)))
+  c.steps = 10_000
+  c.log_every = 10
+  c.ckpt_every = 1000
+  c.keep = 3
+  c.sample = mlc.ConfigDict(dict(
+      every=0,                           # steps between sampling grids; 0 = off
+      pipeline=config_dict.placeholder(str),  # pipeline dir / Hub id with text_encoder/, tokenizer/, vae/
+      prompts=SAMPLE_PROMPTS, num_steps=14, guidance=4.5, sampler="dpm-solver", seed=0))
+  c.init_from = config_dict.placeholder(str)
+  c.class_dropout_prob = 0.1
+  # LoRA fine-tuning on the same trainer: rank None = off (full fine-tune). Targets are regexes over our paths.
+  c.lora = mlc.ConfigDict(dict(rank=config_dict.placeholder(int), alpha=16.0,
+                               targets=(r".*\.attn\.(q|k|v|out)\.kernel", r".*\.cross_attn\.(q|k|v|out)\.kernel"),
+                               rslora=False))
+  return c
+
+
+def smoke(c: mlc.ConfigDict, *, kv: bool = False) -> mlc.ConfigDict:
+  """Shrinks a recipe to a CPU run: tiny model in fp32, global batch 8, 6 steps, synthetic data unless data.dir is set."""
+  c.model.preset = "tiny"
+  c.model.overrides = _dit_overrides()
+  if kv:
+    c.model.overrides.kv_compress_layers = (1,)
+  c.model.dtype = "float32"
+  c.model.remat = "none"
+  c.mesh = (("data", -1),)
+  c.data.synthetic = True
+  c.data.table = None
+  c.data.batch_size = 8
+  c.optimizer.lr = 1e-4
+  c.optimizer.warmup = 0
+  c.optimizer.auto_lr = "none"
+  c.steps = 6
+  c.log_every = 1
+  c.ckpt_every = 3
+  c.keep = 2
+  return c

@@ -1,0 +1,429 @@
+"""`train_and_evaluate(config, workdir)`: wires config -> mesh -> data -> state -> compiled steps -> checkpoints.
+
+Order of events (big_vision trainer shape):
+  1. Typed boundary: the ConfigDict becomes DiTConfig / ModelSpec, OptimizerConfig, StepConfig, rules, mesh.
+  2. Data: the Grain pipeline over `data.dir` (or a synthetic dataset written into the workdir), its abstract
+     batches per bucket and the null caption.
+  3. Abstract state (`jax.eval_shape`) -> shardings -> state, by the documented resume order:
+       a checkpoint in `<workdir>/checkpoints` (newest restorable; onto the CURRENT mesh)
+       -> `init_from` (released / converted weights via `convert.dit.load_transformer`; weak-to-strong rules:
+          new KV-compression layers keep their average init (`kv_compress_missing`); PE interpolation and sample
+          size changes are config changes (the PE is recomputed); `init_from` may also be a training workdir of
+          ours or an Orbax dir from `convert`, read by `convert.ours`, which drops the csize/ar micro-condition
+          weights of a PixArt-alpha checkpoint when the new model has none)
+       -> fresh init (`jax.jit(init, out_shardings=...)`).
+     With `config.lora` set the state holds LoRA adapters only (`train.lora_train`): base weights from
+     `init_from`, frozen; the adapters are written to `<workdir>/lora/` at the end.
+  4. AOT: one `lower().compile()` per bucket, `memory_analysis()` logged before step 1.
+  5. Loop: step, metrics (JSONL + TensorBoard on process 0), async checkpoints every `ckpt_every`, the sampling
+     hook, SIGTERM / preemption -> save at the current step and return; a non-finite loss raises
+     `NonFiniteLossError` naming the step without saving the bad state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from pixart_jax.models.config import DiTConfig, get_preset
+from pixart_jax.parallel.mesh import make_mesh
+from pixart_jax.parallel.sharding import LOGICAL_RULES
+from pixart_jax.train import flops as flops_lib
+from pixart_jax.train import lora_train
+from pixart_jax.train import state as state_lib
+from pixart_jax.train.checkpoint import Checkpointer
+from pixart_jax.train.metrics import MetricWriter, first_nonfinite
+from pixart_jax.train.optimizers import OptimizerConfig, make_optimizer
+from pixart_jax.train.step import StepConfig, jit_train_step, make_train_step
+
+log = logging.getLogger(__name__)
+BATCH_KEYS = ("latents", "caption", "mask")
+SampleFn = Callable[[Any, int], dict]  # (params as nnx.State, step) -> {name: uint8 (H, W, 3)}
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the run stopped without saving that state."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  state: state_lib.TrainState
+  step: int
+  preempted: bool
+  last_metrics: dict
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Typed boundary
+# ---------------------------------------------------------------------------------------------------------------
+def model_spec(cfg_model) -> state_lib.ModelSpec:
+  """config.model -> ModelSpec (DiTConfig from the preset + non-None overrides)."""
+  overrides = {k: v for k, v in cfg_model.overrides.items() if v is not None}
+  if "kv_compress_layers" in overrides:
+    overrides["kv_compress_layers"] = tuple(int(i) for i in overrides["kv_compress_layers"])
+  dit = get_preset(cfg_model.preset, **overrides)
+  return state_lib.ModelSpec(dit, dtype=jnp.dtype(cfg_model.dtype), param_dtype=jnp.dtype(cfg_model.param_dtype),
+                             remat=cfg_model.remat, scan=bool(cfg_model.scan))
+
+
+def merged_rules(overrides) -> tuple:
+  """LOGICAL_RULES with the entries named in `overrides` replaced (new names appended)."""
+  table = dict(LOGICAL_RULES)
+  for name, axes in overrides or ():
+    table[name] = tuple(axes) if isinstance(axes, list) else axes
+  return tuple(table.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+def _synthetic_dir(config, dit: DiTConfig, workdir: epath.Path) -> str:
+  """Writes (process 0, once) a synthetic dataset with the model's shapes into the workdir."""
+  from pixart_jax.data import synthetic
+
+  out = workdir / "synthetic_data"
+  sizes = [tuple(s) for s in config.data.synthetic_buckets]
+  if not sizes:
+    from pixart_jax.data.buckets import get_table
+    sizes = [tuple(get_table(config.data.table)["1.0"])] if config.data.table else [(dit.image_size,) * 2]
+  table = {f"{h / w:.2f}": (int(h), int(w)) for h, w in sizes}
+  if jax.process_index() == 0 and not (out / "manifest.json").exists():
+    s = dit.max_caption_len
+    synthetic.write_synthetic_dataset(
+        str(out), {k: config.data.synthetic_examples for k in table}, table=table, text_dim=dit.caption_channels,
+        latent_channels=dit.in_channels, caption_tokens=(1, max(1, s // 2)), long_caption_tokens=(max(1, s // 2), s),
+        max_length=s, seed=config.seed)
+  _barrier("synthetic_data")
+  return str(out)
+
+
+def make_data(config, dit: DiTConfig, mesh, rules, workdir: epath.Path):
+  """(iterator, {bucket: abstract batch}, null caption (S, Dc) f32) for `config.data`."""
+  from pixart_jax.data import pipeline
+
+  if config.data.dir:
+    data_dir = config.data.dir
+  elif config.data.synthetic:
+    data_dir = _synthetic_dir(config, dit, workdir)
+  else:
+    raise ValueError("no training data: set --config.data.dir (a dataset written by `pixart_jax.prepare`) or "
+                     "--config.data.synthetic=True")
+  manifest = pipeline.load_manifest(data_dir)
+  if config.data.dir and config.data.table and manifest.get("table_name") not in (None, config.data.table):
+    raise ValueError(f"dataset {data_dir} was prepared with the bucket table {manifest['table_name']!r}, the config "
+                     f"says data.table={config.data.table!r}")
+  enc = manifest["encoders"]
+  if enc["text_dim"] != dit.caption_channels or enc["latent_channels"] != dit.in_channels:
+    raise ValueError(f"dataset {data_dir} has text_dim {enc['text_dim']} / latent_channels {enc['latent_channels']}"
+                     f", the model expects {dit.caption_channels} / {dit.in_channels}")
+  seed = config.seed if config.data.shuffle_seed is None else config.data.shuffle_seed
+  kw = dict(global_batch_size=config.data.batch_size, mesh=mesh, rules=rules)
+  it = pipeline.make_train_iterator(data_dir, seed=seed, caption_ratio=config.data.real_prompt_ratio,
+                                    workers=config.data.num_workers, **kw)
+  abstract = pipeline.abstract_batches(manifest, **kw)
+  return it, abstract, np.asarray(pipeline.null_caption(data_dir), np.float32)
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"pixart_jax_{name}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# State by the resume order
+# ---------------------------------------------------------------------------------------------------------------
+def initial_state(config, spec: state_lib.ModelSpec, tx, ckpt: Checkpointer, mesh, rules, iterator):
+  """(state, shardings, source) with source in {'checkpoint N', 'init_from ...', 'fresh'}."""
+  use_ema = config.ema.rate is not None
+  init_key, train_rng = state_lib.split_key(config.seed)
+  init = functools.partial(state_lib.init_state, spec=spec, tx=tx, ema=use_ema)
+  abstract = jax.eval_shape(init, init_key, train_rng)
+  shardings = state_lib.shardings_of(abstract, mesh, rules)
+  target = state_lib.with_shardings(abstract, shardings)
+  restored = ckpt.restore_latest(dataclasses.replace(target, ema=None), target.ema)
+  if restored is not None:
+    if restored.data is not None:
+      iterator.set_state(restored.data)
+    return dataclasses.replace(restored.state, ema=restored.ema), shardings, f"checkpoint {restored.step}"
+  if config.init_from:
+    from pixart_jax.convert.dit import kv_compress_missing, load_transformer
+
+    model = load_transformer(config.init_from, config=spec.cfg, dtype=spec.dtype, param_dtype=spec.param_dtype,
+                             mesh=mesh, rules=rules, remat=spec.remat, scan=spec.scan,
+                             allow_missing=kv_compress_missing if spec.cfg.kv_compress_layers else None)
+    _, params = nnx.split(model, nnx.Param)
+    build = functools.partial(state_lib.state_from_params, tx=tx, ema=use_ema)
+    state = jax.jit(build, out_shardings=shardings, donate_argnums=0)(params, train_rng)
+    return state, shardings, f"init_from {config.init_from}"
+  return jax.jit(init, out_shardings=shardings)(init_key, train_rng), shardings, "fresh init"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sampling grid (optional hook)
+# ---------------------------------------------------------------------------------------------------------------
+def make_sample_fn(sample_cfg, spec: state_lib.ModelSpec, graphdef, mesh, rules, caption_len: int) -> SampleFn:
+  """A SampleFn drawing `sample.prompts` with the weights being trained.
+
+  The prompts (and "" for guidance) are encoded ONCE with the T5 of `sample.pipeline` (a diffusers PixArt-Sigma
+  pipeline dir / Hub id with text_encoder/, tokenizer/, vae/), then the encoder is dropped; each call runs
+  `sample.sampler` for `sample.num_steps` steps with CFG `sample.guidance` from fixed noise (seed
+  `sample.seed`) at the model's square size and decodes with the pipeline's VAE: one jitted program, every
+  process takes part, process 0 gets a grid image {"samples": uint8 (rows*H, 4*W, 3)}.
+  """
+  from pixart_jax.convert.vae_keys import load_vae
+  from pixart_jax.diffusion import samplers
+  from pixart_jax.diffusion.guidance import cfg_model_fn
+  from pixart_jax.models.text_encoder import TextEncoder
+  from pixart_jax.pipeline import initial_noise, to_uint8
+
+  if not sample_cfg.pipeline:
+    raise ValueError("sample.every > 0 needs sample.pipeline: a diffusers PixArt-Sigma pipeline dir or Hub id "
+                     "with text_encoder/, tokenizer/ and vae/ (e.g. PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers)")
+  prompts = list(sample_cfg.prompts)
+  text = TextEncoder.from_pretrained(sample_cfg.pipeline, mesh=mesh, rules=rules)
+  # Host values, then replicated over the whole mesh (global arrays: valid inputs on every process).
+  replicate = lambda a: jax.device_put(np.asarray(a), NamedSharding(mesh, PartitionSpec()))  # noqa: E731
+  cond = tuple(map(replicate, text.encode_prompts(prompts, max_length=caption_len)))
+  uncond = tuple(map(replicate, text.encode_prompts([""] * len(prompts), max_length=caption_len)))
+  del text
+  vae = load_vae(sample_cfg.pipeline, mesh=mesh, rules=rules)
+  vae_graph, vae_state = nnx.split(vae)
+  size = spec.cfg.sample_size
+  noise = replicate(initial_noise(sample_cfg.seed, len(prompts), (size, size, spec.cfg.in_channels)))
+  sampler, steps, scale = sample_cfg.sampler, sample_cfg.num_steps, float(sample_cfg.guidance)
+
+  @jax.jit
+  def draw(params, vae_params, x_T, cond, uncond):
+    model = nnx.merge(graphdef, params)
+    model_fn = cfg_model_fn(lambda x, t, y, m: model(x, t, y, m), cond, uncond, scale)
+    z = samplers.sample(sampler, model_fn, x_T, num_steps=steps)
+    dec = nnx.merge(vae_graph, vae_params)
+    return dec.decode(dec.unscale_latent(z)).astype(jnp.float32)
+
+  def sample_fn(params, step: int) -> dict:
+    del step
+    images = draw(params, vae_state, noise, cond, uncond)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      images = multihost_utils.process_allgather(images, tiled=True)
+    images = to_uint8(images)
+    n, h, w, c = images.shape
+    cols = min(4, n)
+    rows = -(-n // cols)
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i, img in enumerate(images):
+      grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
+    return {"samples": grid}
+
+  return sample_fn
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------
+class _StopFlag:
+  """Set by SIGTERM (installed only from the main thread; the previous handler is restored on exit)."""
+
+  def __init__(self):
+    self.set, self._prev = False, None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._prev = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    log.warning("SIGTERM received: saving a checkpoint at the current step and stopping")
+    self.set = True
+
+  def __exit__(self, *exc):
+    if self._prev is not None:
+      signal.signal(signal.SIGTERM, self._prev)
+
+
+def _memory(compiled) -> str:
+  """`memory_analysis()` of a compiled step in MiB (arguments, outputs, aliased = donated, temporaries)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return "no memory analysis on this backend"
+  mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+  return (f"arguments {mib(m.argument_size_in_bytes)}, outputs {mib(m.output_size_in_bytes)}, aliased "
+          f"{mib(m.alias_size_in_bytes)}, temporaries {mib(m.temp_size_in_bytes)}, code "
+          f"{mib(m.generated_code_size_in_bytes)}")
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = None) -> RunResult:
+  """Trains `config` in `workdir` (resuming from its checkpoints). See the module docstring."""
+  workdir = epath.Path(workdir)
+  primary = jax.process_index() == 0
+  if primary:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  log.info("process %d/%d, %d devices (%d local): %s", jax.process_index(), jax.process_count(),
+           jax.device_count(), jax.local_device_count(), jax.devices()[0].device_kind)
+
+  spec = model_spec(config.model)
+  opt_cfg = OptimizerConfig.from_dict(config.optimizer)
+  step_cfg = StepConfig(class_dropout_prob=config.class_dropout_prob, grad_accum=config.grad_accum,
+                        ema_rate=config.ema.rate, learn_sigma=spec.cfg.learn_sigma)
+  rules = merged_rules(config.sharding_rules)
+  mesh = make_mesh(config.mesh)
+  batch = config.data.batch_size
+  if batch % config.grad_accum:
+    raise ValueError(f"data.batch_size {batch} is not divisible by grad_accum {config.grad_accum}")
+  log.info("mesh %s; model %s (%s compute, %s params, remat %s)", dict(mesh.shape), config.model.preset,
+           spec.dtype, spec.param_dtype, spec.remat)
+
+  peak = flops_lib.device_peak_flops()
+  if peak is None and jax.devices()[0].platform == "cpu":
+    peak = flops_lib.measure_matmul_peak(seconds=0.5)
+    log.info("CPU: measured matmul peak %.1f GFLOP/s per device", peak / 1e9)
+
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    iterator, abstract_batches, null = make_data(config, spec.cfg, mesh, rules, workdir)
+    tx, lr_schedule = make_optimizer(opt_cfg, batch)
+    graphdef, _ = spec.split()
+    ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep)
+    lora_cfg = lora_train.lora_config(config)
+    if lora_cfg is None:
+      state, shardings, source = initial_state(config, spec, tx, ckpt, mesh, rules, iterator)
+    else:  # LoRA: the state holds the adapters; the base weights are frozen inputs of the step
+      state, shardings, source, frozen, frozen_sh = lora_train.initial_state(config, spec, tx, ckpt, mesh, rules,
+                                                                             iterator, lora_cfg)
+    log.info("train state from %s at step %d\n%s", source, int(state.step), state_lib.parameter_overview(
+        state.params if lora_cfg is None else nnx.State(state.params)))
+    if int(state.step) >= config.steps:
+      log.info("nothing to do: the state is at step %d, config.steps is %d", int(state.step), config.steps)
+      ckpt.close()
+      return RunResult(state=state, step=int(state.step), preempted=False, last_metrics={})
+    null = jax.device_put(null, NamedSharding(mesh, PartitionSpec()))
+
+    if sample_fn is None and config.sample.every:
+      sample_fn = make_sample_fn(config.sample, spec, graphdef, mesh, rules, caption_len=null.shape[0])
+    fn = make_train_step(graphdef=graphdef, tx=tx, lr_schedule=lr_schedule, cfg=step_cfg)
+    compiled, step_flops = {}, {}
+    for key, ab in abstract_batches.items():
+      ab = {k: ab[k] for k in BATCH_KEYS}
+      t0 = time.perf_counter()
+      if lora_cfg is None:
+        jitted = jit_train_step(fn, shardings, {k: v.sharding for k, v in ab.items()}, mesh)
+        compiled[key] = jitted.lower(state, ab, null).compile()
+      else:
+        compiled[key] = lora_train.compile_step(fn, lora_cfg, state, shardings, ab, null, frozen, frozen_sh, mesh)
+      _, h, w, _ = ab["latents"].shape
+      step_flops[key] = flops_lib.train_step_flops(spec.cfg, batch, h, w, ab["caption"].shape[1])
+      log.info("compiled bucket %s (latent %dx%d) in %.1fs; per device: %s", key, h, w, time.perf_counter() - t0,
+               _memory(compiled[key]) if lora_cfg is None else "(LoRA step)")
+
+    result = _run(config, workdir, state, iterator, compiled, step_flops, null, ckpt, peak, sample_fn, primary)
+    if lora_cfg is not None and primary:
+      log.info("wrote the LoRA adapters to %s", lora_train.export_adapters(result.state, lora_cfg, workdir / "lora"))
+    return result
+
+
+def _run(config, workdir, state, iterator, compiled, step_flops, null, ckpt, peak, sample_fn, primary) -> RunResult:
+  from tqdm import tqdm
+
+  step = int(state.step)
+  last_saved = ckpt.latest_step()
+  config_json = json.loads(config.to_json_best_effort())
+  writer = MetricWriter(workdir, enabled=primary)
+  pending: list[tuple[int, dict, str]] = []
+  window_start, last = time.perf_counter(), {}
+  preempted = False
+  bar = tqdm(total=config.steps, initial=step, disable=not primary, desc="train", dynamic_ncols=True)
+
+  def flush() -> None:
+    nonlocal window_start, last
+    if not pending:
+      return
+    history = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m, _ in pending]
+    bad = first_nonfinite(history)
+    if bad is not None:
+      ckpt.wait()
+      raise NonFiniteLossError(
+          f"loss is {history[[s for s, _ in history].index(bad)][1]['loss']} at step {bad}: stopping without "
+          f"saving this state; the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+    elapsed = time.perf_counter() - window_start
+    n, fl = len(pending), sum(step_flops[b] for _, _, b in pending)
+    per_dev = fl / elapsed / jax.device_count()
+    for s, m in history[:-1]:
+      writer.write_scalars(s, m)
+    s, m = history[-1]
+    extra = {"step_time": elapsed / n, "examples_per_sec": n * config.data.batch_size / elapsed,
+             "tflops_per_device": per_dev / 1e12}
+    if peak:
+      extra["mfu"] = per_dev / peak
+    last = dict(m, **extra)
+    writer.write_scalars(s, last)
+    bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", s_per_step=f"{elapsed / n:.3f}")
+    log.info("step %d: %s", s, " ".join(f"{k}={v:.5g}" for k, v in last.items()))
+    pending.clear()
+    window_start = time.perf_counter()
+
+  def save(at: int) -> None:
+    nonlocal last_saved, window_start
+    if at != last_saved and ckpt.save(at, dataclasses.replace(state, ema=None), ema=state.ema,
+                                      data=iterator.get_state(), config=config_json):
+      last_saved = at
+    window_start = time.perf_counter()  # step_time / throughput exclude the (blocking part of the) save
+
+  try:
+    with _StopFlag() as stop:
+      while step < config.steps:
+        batch = next(iterator)
+        if "step" in batch and int(batch["step"]) != step:
+          raise RuntimeError(f"the data iterator is at step {batch['step']} but the train state at {step}: "
+                             "restore both from the same checkpoint")
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, metrics = compiled[batch["bucket"]](state, {k: batch[k] for k in BATCH_KEYS}, null)
+        step += 1
+        bar.update(1)
+        pending.append((step, metrics, batch["bucket"]))
+        # Preemption: JAX's sync point (all hosts agree), or SIGTERM. With several processes a local SIGTERM flag
+        # is agreed on (all-gather) at log / checkpoint boundaries only, so every host stops at the same step.
+        stopping = ckpt.reached_preemption(step) or (stop.set and jax.process_count() == 1)
+        boundary = step % config.log_every == 0 or step % config.ckpt_every == 0 or step == config.steps
+        if boundary and jax.process_count() > 1:
+          stopping = stopping or _any_process(stop.set)
+        if boundary or stopping:
+          flush()
+        if step % config.ckpt_every == 0 or step == config.steps or stopping:
+          save(step)
+        if stopping:
+          preempted = True
+          log.warning("stopping at step %d (preemption): checkpoint saved", step)
+          break
+        if sample_fn is not None and config.sample.every and step % config.sample.every == 0:
+          images = sample_fn(state.ema if state.ema is not None else state.params, step)
+          writer.write_images(step, images)
+          window_start = time.perf_counter()
+      flush()
+  finally:
+    bar.close()
+    if hasattr(iterator, "close"):
+      iterator.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return RunResult(state=state, step=step, preempted=preempted, last_metrics=last)

@@ -1,0 +1,145 @@
+"""Optimizers for training: CAME (the PixArt-Sigma recipe) or AdamW, constant-with-warmup, global-norm clipping.
+
+The experiment config is turned into an `OptimizerConfig` once (in the loop); `make_optimizer` builds
+
+  optax.chain(clip_by_global_norm(clip), came | adamw (learning_rate = schedule))
+
+Learning rate (spec 4.4): the official recipe inherits `auto_lr = dict(rule='sqrt')`: the configured lr is the lr
+at a global batch of 256 and is multiplied by sqrt(global_batch / 256) before the optimizer is built
+(`auto_scale_lr`). Here `global_batch` counts the examples behind one optimizer update (the batch of one train
+step, all micro-batches of gradient accumulation included), exactly as the official
+`train_batch_size * world_size * gradient_accumulation_steps`. `auto_lr="none"` uses the lr as given.
+
+Schedule: diffusers `get_constant_schedule_with_warmup` driven by a LambdaLR stepped after each update: the update
+with count k (0 first) uses lr * min(k / warmup, 1); so the very first update has lr 0 when warmup > 0 (as in the
+official runs). warmup = 0 is constant.
+
+CAME factors parameters as came_pytorch does on the PyTorch weights (`torch_layout_factored_dims`: per-layer
+factoring of the scanned `layers` axis, conv kernels over (kh, kw)); this needs parameters that are nnx Variables
+carrying their logical axis names, which is what the train state holds.
+
+Gradient accumulation is not an optimizer wrapper here: the train step scans over micro-batches and makes one
+update per step (see `pixart_jax.train.step`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import jax.numpy as jnp
+import optax
+
+from pixart_jax.train.came import came, torch_layout_factored_dims
+
+BASE_BATCH = 256
+
+
+class OptimizerName(enum.Enum):
+  CAME = "came"
+  ADAMW = "adamw"
+
+
+class LrRule(enum.Enum):
+  SQRT = "sqrt"      # lr * sqrt(global_batch / base_batch)   (official auto_lr, the default)
+  LINEAR = "linear"  # lr * global_batch / base_batch
+  NONE = "none"      # lr as given
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """Typed optimizer settings (from `config.optimizer`).
+
+  name: came | adamw. lr: the lr at `base_batch` examples (see auto_lr). betas: 3 for CAME (b1, b2, b3),
+  2 for AdamW. eps: 2 for CAME (eps1, eps2), 1 (or a float) for AdamW. clip: global-norm clip of the
+  gradients (0 or None = off). warmup: linear warmup updates. clip_threshold: CAME's update-RMS clip.
+  """
+  name: OptimizerName = OptimizerName.CAME
+  lr: float = 2e-5
+  betas: tuple[float, ...] = (0.9, 0.999, 0.9999)
+  eps: tuple[float, ...] = (1e-30, 1e-16)
+  weight_decay: float = 0.0
+  clip: float | None = 0.01
+  warmup: int = 1000
+  auto_lr: LrRule = LrRule.SQRT
+  base_batch: int = BASE_BATCH
+  clip_threshold: float = 1.0
+
+  def __post_init__(self):
+    if not self.lr > 0:
+      raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+    if self.warmup < 0:
+      raise ValueError(f"optimizer.warmup must be >= 0, got {self.warmup}")
+    if self.clip is not None and self.clip < 0:
+      raise ValueError(f"optimizer.clip must be >= 0 or None, got {self.clip}")
+    if self.base_batch < 1:
+      raise ValueError(f"optimizer.base_batch must be >= 1, got {self.base_batch}")
+    want_b, want_e = (3, 2) if self.name is OptimizerName.CAME else (2, 1)
+    if len(self.betas) != want_b:
+      raise ValueError(f"{self.name.value} needs {want_b} betas, got {self.betas}")
+    if len(self.eps) != want_e:
+      raise ValueError(f"{self.name.value} needs {want_e} eps value(s), got {self.eps}")
+
+  @classmethod
+  def from_dict(cls, d) -> "OptimizerConfig":
+    """From a `config.optimizer` ConfigDict / mapping; strings parsed into enums, sequences into tuples."""
+    d = dict(d)
+    raw = d.pop("name", "came")
+    try:
+      name = OptimizerName(str(raw).lower())
+    except ValueError:
+      raise ValueError(f"unknown optimizer {raw!r}; choose from {[n.value for n in OptimizerName]}") from None
+    rule = d.pop("auto_lr", "sqrt")
+    try:
+      rule = LrRule("none" if rule is None else str(rule).lower())
+    except ValueError:
+      raise ValueError(f"unknown auto_lr rule {rule!r}; choose from {[r.value for r in LrRule]}") from None
+    eps = d.pop("eps", (1e-30, 1e-16) if name is OptimizerName.CAME else (1e-8,))
+    eps = (float(eps),) if isinstance(eps, (int, float)) else tuple(float(e) for e in eps)
+    betas = tuple(float(b) for b in d.pop("betas", (0.9, 0.999, 0.9999)))
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - fields
+    if unknown:
+      raise ValueError(f"unknown optimizer settings {sorted(unknown)}; known: {sorted(fields)}")
+    clip = d.pop("clip", 0.01)
+    return cls(name=name, auto_lr=rule, eps=eps, betas=betas, clip=None if not clip else float(clip),
+               **{k: v for k, v in d.items()})
+
+
+def scaled_lr(cfg: OptimizerConfig, global_batch: int) -> float:
+  """The peak lr after the batch-size rule (official `auto_scale_lr`, base batch 256)."""
+  if global_batch < 1:
+    raise ValueError(f"global batch must be >= 1, got {global_batch}")
+  ratio = global_batch / cfg.base_batch
+  if cfg.auto_lr is LrRule.SQRT:
+    return cfg.lr * math.sqrt(ratio)
+  if cfg.auto_lr is LrRule.LINEAR:
+    return cfg.lr * ratio
+  return cfg.lr
+
+
+def constant_with_warmup(peak: float, warmup: int) -> optax.Schedule:
+  """diffusers `get_constant_schedule_with_warmup`: count k -> peak * min(k / warmup, 1) (float32)."""
+  if warmup <= 0:
+    return lambda count: jnp.full([], peak, jnp.float32)
+
+  def schedule(count):
+    frac = jnp.minimum(jnp.asarray(count, jnp.float32) / float(warmup), 1.0)
+    return jnp.float32(peak) * frac
+
+  return schedule
+
+
+def make_optimizer(cfg: OptimizerConfig, global_batch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(tx, schedule): global-norm clipping then CAME / AdamW with the warmup schedule.
+
+  `schedule(count)` is the lr of the update with count `count` (= the train step), for logging.
+  """
+  schedule = constant_with_warmup(scaled_lr(cfg, global_batch), cfg.warmup)
+  if cfg.name is OptimizerName.CAME:
+    opt = came(schedule, betas=tuple(cfg.betas), eps=tuple(cfg.eps), clip_threshold=cfg.clip_threshold,
+               weight_decay=cfg.weight_decay, factored_dims=torch_layout_factored_dims)
+  else:
+    opt = optax.adamw(schedule, b1=cfg.betas[0], b2=cfg.betas[1], eps=cfg.eps[0], weight_decay=cfg.weight_decay)
+  parts = [optax.clip_by_global_norm(cfg.clip)] if cfg.clip else []
+  return optax.chain(*parts, opt), schedule
+

@@ -1,0 +1,79 @@
+"""Shared pieces of the training tests: the smoke config, a persistent XLA cache, subprocess runs of the CLI.
+
+Every training test compiles the same few programs (tiny model, fp32, FSDP over the fake devices). A persistent
+compilation cache in a per-session directory makes the second and later compilations of an identical program a
+disk read, in this process and in the subprocesses (which get the same cache and XLA settings through the
+environment), so the whole set stays within a few minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs" / "pixart_sigma_512_ms.py"
+MESH_FSDP = (("fsdp", -1),)
+
+
+def smoke_config(**overrides):
+  """The 512-MS recipe at smoke size, FSDP over all devices; `overrides` as dotted keys (`optimizer.lr`)."""
+  spec = importlib.util.spec_from_file_location("_recipe", RECIPE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("smoke")
+  c.mesh = MESH_FSDP
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@contextlib.contextmanager
+def fast_compiles(cache_dir: str | os.PathLike):
+  """Persistent compilation cache in `cache_dir` + `jax_disable_most_optimizations`; restored afterwards."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes", "jax_disable_most_optimizations")
+  old = {n: getattr(jax.config, n) if hasattr(jax.config, n) else jax.config.read(n) for n in names}
+  new = dict(zip(names, (str(cache_dir), 0.0, 0, True)))
+  for n, v in new.items():
+    jax.config.update(n, v)
+  cc.reset_cache()
+  try:
+    yield
+  finally:
+    for n, v in old.items():
+      jax.config.update(n, v)
+    cc.reset_cache()
+
+
+def subprocess_env(cache_dir: str | os.PathLike, devices: int) -> dict:
+  """Environment of a CLI subprocess: `devices` fake CPU devices and the tests' XLA settings and cache."""
+  env = dict(os.environ)
+  env.update(
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+      JAX_DEFAULT_MATMUL_PRECISION="highest", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+      PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+  return env
+
+
+def cli_args(workdir, *overrides: str, recipe: pathlib.Path = RECIPE) -> list[str]:
+  """`python -m pixart_jax.train` for the smoke recipe with FSDP; `overrides` are `--config.KEY=VALUE` strings."""
+  return [sys.executable, "-m", "pixart_jax.train", f"--config={recipe}:smoke", f"--workdir={workdir}",
+          "--config.mesh=(('fsdp',-1),)", *overrides]
+
+
+def run_cli(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+  return subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
