@@ -24,7 +24,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdir_demo", "Output directory (dataset, checkpoints, samples, report).")
-flags.DEFINE_integer("steps", 1200, "Training steps.")
+flags.DEFINE_integer("steps", 3000, "Training steps.")
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
 flags.DEFINE_float("guidance", 4.0, "Guidance scale of the guided samples.")
 flags.DEFINE_integer("per_digit", 10, "Samples per digit.")
