@@ -3,7 +3,7 @@
   python -m pixart_jax.demo --workdir workdir_demo          (what `make demo` runs)
 
 1. Data: scikit-learn's handwritten digits (1,797 real 8x8 scans, shipped inside the package) upscaled to
-   16x16 RGB, with captions that name the digit in six phrasings ("a handwritten digit seven", "the digit 7", ...).
+   16x16 RGB, with captions that name the digit in four phrasings ("a handwritten seven", "the number 7", ...).
 2. Encoders: a SentencePiece T5 tokenizer trained on the demo captions and our NNX T5 encoder with random weights
    (text features), and a lossless pixel "autoencoder" (2x2 space-to-depth: latents ARE the pixels).
 3. `prepare` writes the ArrayRecord dataset; the real training code (`pixart_jax.train`) trains a tiny PixArt
@@ -105,8 +105,8 @@ def classifier():
   return SVC(gamma=0.001, C=10).fit(x, y), held_out
 
 
-def sample_digits(result, spec, text, per_digit: int, guidance: float, seed: int, null_caption):
-  """(images (10*per_digit, 16, 16, 3) in [-1, 1], labels) for prompts "a handwritten digit <word>"."""
+def sample_digits(result, spec, text, per_digit: int, guidance: float, seed: int):
+  """(guided latents, unguided latents, labels) for the prompts `caption(d, 0)`, per_digit each (same noise)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -137,7 +137,6 @@ def sample_digits(result, spec, text, per_digit: int, guidance: float, seed: int
 
   guided = run(params, x_T, cond, mask, un, un_mask, jnp.float32(guidance))
   plain = jax.jit(run_unguided)(params, x_T)
-  del null_caption
   return np.asarray(guided), np.asarray(plain), labels
 
 
@@ -178,8 +177,7 @@ def main(argv):
   print("[demo] 3/5 sampling 10 images per digit with DPM-Solver++ (20 steps), with and without guidance")
   t2 = time.perf_counter()
   spec = model_spec(config.model)
-  guided, plain, labels = sample_digits(result, spec, enc.text, FLAGS.per_digit, FLAGS.guidance, FLAGS.seed + 1,
-                                        None)
+  guided, plain, labels = sample_digits(result, spec, enc.text, FLAGS.per_digit, FLAGS.guidance, FLAGS.seed + 1)
   images_g = enc.decode(guided)
   images_p = enc.decode(plain)
   times["sample_s"] = time.perf_counter() - t2
