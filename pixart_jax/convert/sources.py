@@ -11,6 +11,7 @@ Nothing is read until `get`. Files are read with positioned reads into fresh 64-
 """
 from __future__ import annotations
 
+import abc
 import json
 import os
 import pathlib
@@ -37,23 +38,26 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 _MAX_HEADER = 100 * 2**20
 
 
-class TensorSource:
-  """A lazy read-only mapping from tensor names to numpy arrays."""
+class TensorSource(abc.ABC):
+  """A lazy read-only mapping from tensor names to numpy arrays (abstract: subclasses implement the four readers)."""
 
   name: str = "<tensors>"
 
+  @abc.abstractmethod
   def keys(self) -> list[str]:
-    raise NotImplementedError
+    """Every tensor name."""
 
+  @abc.abstractmethod
   def shape(self, key: str) -> tuple[int, ...]:
-    raise NotImplementedError
+    """The tensor's shape, without reading it."""
 
+  @abc.abstractmethod
   def dtype(self, key: str) -> np.dtype:
-    raise NotImplementedError
+    """The tensor's numpy dtype (bf16 as ml_dtypes.bfloat16), without reading it."""
 
+  @abc.abstractmethod
   def get(self, key: str) -> np.ndarray:
     """Reads one tensor into a NEW C-contiguous array (64-byte aligned) that the caller owns."""
-    raise NotImplementedError
 
   def nbytes(self, key: str) -> int:
     return int(np.prod(self.shape(key), dtype=np.int64)) * self.dtype(key).itemsize
