@@ -17,9 +17,9 @@ guidance scale is a traced argument, so changing it does not recompile. Initial 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import pathlib
 import time
 from typing import Sequence
 
@@ -204,7 +204,7 @@ class Pipeline:
     sharding = self._batch_sharding(b)
     if sharding is not None:
       args = [jax.device_put(a, sharding) for a in args]
-    ctx = jax.set_mesh(self.mesh) if self.mesh is not None else _nullcontext()
+    ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
     with ctx:
       x0 = self._denoise(self._dit_state, *args, jnp.float32(guidance_scale), jax.random.key(seed),
                          sampler=sampler, steps=steps, use_cfg=use_cfg, mode=guidance_mode)
@@ -223,10 +223,3 @@ class Pipeline:
       timings.update(encode=t_enc - t_start, denoise=t_den - t_enc, decode=time.perf_counter() - t_den)
     return to_uint8(images) if output == "uint8" else images
 
-
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False

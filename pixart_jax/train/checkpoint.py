@@ -202,6 +202,16 @@ class Checkpointer:
                     ema=from_pure(ema_target, out["ema"]) if ema_target is not None else None,
                     data=out["data"] if "data" in saved else None, config=out["config"])
 
+  def resume(self, target: Any, iterator=None) -> tuple[Any, int] | None:
+    """(state with EMA, step) from the newest restorable checkpoint into `target` (a TrainState-like abstract
+    tree with shardings and an `ema` field), restoring `iterator`'s data state too; None when there is none."""
+    restored = self.restore_latest(dataclasses.replace(target, ema=None), target.ema)
+    if restored is None:
+      return None
+    if restored.data is not None and iterator is not None:
+      iterator.set_state(restored.data)
+    return dataclasses.replace(restored.state, ema=restored.ema), restored.step
+
   def restore_latest(self, state_target: Any, ema_target: Any = None) -> Restored | None:
     """The newest restorable checkpoint, or None when there is none.
 

@@ -12,7 +12,6 @@ With `config.lora` set, `train_and_evaluate` trains adapters only:
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -79,12 +78,9 @@ def initial_state(config, spec: state_lib.ModelSpec, tx, ckpt, mesh, rules, iter
   abstract = jax.eval_shape(build, init_key, train_rng)
   shardings = state_lib.shardings_of(abstract, mesh, rules)
   target = state_lib.with_shardings(abstract, shardings)
-  restored = ckpt.restore_latest(dataclasses.replace(target, ema=None), target.ema)
-  if restored is not None:
-    if restored.data is not None:
-      iterator.set_state(restored.data)
-    state = dataclasses.replace(restored.state, ema=restored.ema)
-    return state, shardings, f"checkpoint {restored.step} (LoRA)", base, base_shardings
+  resumed = ckpt.resume(target, iterator)
+  if resumed is not None:
+    return resumed[0], shardings, f"checkpoint {resumed[1]} (LoRA)", base, base_shardings
   state = jax.jit(build, out_shardings=shardings)(init_key, train_rng)
   return state, shardings, f"LoRA rank {cfg.rank} on init_from {config.init_from}", base, base_shardings
 

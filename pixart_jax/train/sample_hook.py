@@ -1,0 +1,72 @@
+"""The sampling grid drawn during training with the weights being trained (off unless `sample.every` > 0)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from pixart_jax.train import state as state_lib
+
+SampleFn = Callable[[Any, int], dict]  # (params as nnx.State, step) -> {name: uint8 (H, W, 3)}
+
+
+def make_sample_fn(sample_cfg, spec: state_lib.ModelSpec, graphdef, mesh, rules, caption_len: int) -> SampleFn:
+  """A SampleFn drawing `sample.prompts` with the weights being trained.
+
+  The prompts (and "" for guidance) are encoded ONCE with the T5 of `sample.pipeline` (a diffusers PixArt-Sigma
+  pipeline dir / Hub id with text_encoder/, tokenizer/, vae/), then the encoder is dropped; each call runs
+  `sample.sampler` for `sample.num_steps` steps with CFG `sample.guidance` from fixed noise (seed
+  `sample.seed`) at the model's square size and decodes with the pipeline's VAE: one jitted program, every
+  process takes part, process 0 gets a grid image {"samples": uint8 (rows*H, 4*W, 3)}.
+  """
+  from pixart_jax.convert.vae_keys import load_vae
+  from pixart_jax.diffusion import samplers
+  from pixart_jax.diffusion.guidance import cfg_model_fn
+  from pixart_jax.models.text_encoder import TextEncoder
+  from pixart_jax.images import to_uint8
+  from pixart_jax.pipeline import initial_noise
+
+  if not sample_cfg.pipeline:
+    raise ValueError("sample.every > 0 needs sample.pipeline: a diffusers PixArt-Sigma pipeline dir or Hub id "
+                     "with text_encoder/, tokenizer/ and vae/ (e.g. PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers)")
+  prompts = list(sample_cfg.prompts)
+  text = TextEncoder.from_pretrained(sample_cfg.pipeline, mesh=mesh, rules=rules)
+  # Host values, then replicated over the whole mesh (global arrays: valid inputs on every process).
+  replicate = lambda a: jax.device_put(np.asarray(a), NamedSharding(mesh, PartitionSpec()))  # noqa: E731
+  cond = tuple(map(replicate, text.encode_prompts(prompts, max_length=caption_len)))
+  uncond = tuple(map(replicate, text.encode_prompts([""] * len(prompts), max_length=caption_len)))
+  del text
+  vae = load_vae(sample_cfg.pipeline, mesh=mesh, rules=rules)
+  vae_graph, vae_state = nnx.split(vae)
+  size = spec.cfg.sample_size
+  noise = replicate(initial_noise(sample_cfg.seed, len(prompts), (size, size, spec.cfg.in_channels)))
+  sampler, steps, scale = sample_cfg.sampler, sample_cfg.num_steps, float(sample_cfg.guidance)
+
+  @jax.jit
+  def draw(params, vae_params, x_T, cond, uncond):
+    model = nnx.merge(graphdef, params)
+    model_fn = cfg_model_fn(lambda x, t, y, m: model(x, t, y, m), cond, uncond, scale)
+    z = samplers.sample(sampler, model_fn, x_T, num_steps=steps)
+    dec = nnx.merge(vae_graph, vae_params)
+    return dec.decode(dec.unscale_latent(z)).astype(jnp.float32)
+
+  def sample_fn(params, step: int) -> dict:
+    del step
+    images = draw(params, vae_state, noise, cond, uncond)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      images = multihost_utils.process_allgather(images, tiled=True)
+    images = to_uint8(images)
+    n, h, w, c = images.shape
+    cols = min(4, n)
+    rows = -(-n // cols)
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i, img in enumerate(images):
+      grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
+    return {"samples": grid}
+
+  return sample_fn
