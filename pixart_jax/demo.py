@@ -2,10 +2,10 @@
 
   python -m pixart_jax.demo --workdir workdir_demo          (what `make demo` runs)
 
-1. Data: scikit-learn's handwritten digits (1,797 real 8x8 scans, shipped inside the package) upscaled to
-   16x16 RGB, with captions that name the digit in four phrasings ("a handwritten seven", "the number 7", ...).
+1. Data: scikit-learn's handwritten digits (1,797 real 8x8 scans, shipped inside the package) as 8x8 RGB images,
+   with captions that name the digit in four phrasings ("a handwritten seven", "the number 7", ...).
 2. Encoders: a SentencePiece T5 tokenizer trained on the demo captions and our NNX T5 encoder with random weights
-   (text features), and a lossless pixel "autoencoder" (2x2 space-to-depth: latents ARE the pixels).
+   (text features), and a lossless pixel "autoencoder" (2x2 space-to-depth: a 4x4x12 latent IS the 8x8x3 image).
 3. `prepare` writes the ArrayRecord dataset; the real training code (`pixart_jax.train`) trains a tiny PixArt
    (AdamW, IDDPM loss, caption dropout for CFG, EMA) on the CPU mesh.
 4. Sampling: 10 images per digit with DPM-Solver++ (20 steps) and classifier-free guidance, saved as
@@ -24,12 +24,13 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdir_demo", "Output directory (dataset, checkpoints, samples, report).")
-flags.DEFINE_integer("steps", 3000, "Training steps.")
+flags.DEFINE_integer("steps", 4000, "Training steps.")
 flags.DEFINE_integer("batch_size", 64, "Global batch size.")
-flags.DEFINE_float("guidance", 4.0, "Guidance scale of the guided samples.")
+flags.DEFINE_float("guidance", 4.5, "Guidance scale of the guided samples (PixArt-Sigma default).")
 flags.DEFINE_integer("per_digit", 10, "Samples per digit.")
 flags.DEFINE_integer("seed", 0, "Seed of the run.")
 
+DOWNSAMPLE = 2  # space-to-depth factor of the pixel autoencoder: 8x8x3 image <-> 4x4x12 latent
 CAPTION_TOKENS = 16  # the demo captions are short: keep 16 T5 positions instead of 300 (the model is length-agnostic)
 T5_WIDTH = 128
 FEATURE_GAIN = 3.0  # caption features reach the projection GELU at std ~3 (see DemoTextEncoder)
@@ -40,8 +41,8 @@ class DemoTextEncoder:
 
   PixArt's caption projection is initialised N(0, 0.02), sized for 4096-wide T5-XXL features: a unit-RMS feature
   then reaches the first GELU at std 0.02 * sqrt(4096) ~ 1.3. A tiny random T5 has unit-RMS outputs but only
-  `D` channels, so its features are scaled by 1 / (0.02 * sqrt(D)) to give the projection the same signal level
-  (otherwise the tiny model learns to ignore its captions for thousands of steps).
+  `D` channels, so its features are scaled by FEATURE_GAIN / (0.02 * sqrt(D)) to give the projection a signal
+  level of the same order.
   """
 
   def __init__(self, text_encoder, max_length: int):
@@ -69,18 +70,26 @@ def build_encoders(workdir: pathlib.Path, seed: int):
                       num_heads=4, d_kv=T5_WIDTH // 4)
   t5 = T5Encoder(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
   text = DemoTextEncoder(TextEncoder(tok, t5), CAPTION_TOKENS)
-  return PixelEncoders(text, downsample=2, text_id="demo-t5-random")
+  return PixelEncoders(text, downsample=DOWNSAMPLE, text_id="demo-t5-random")
+
+
+def latent_size() -> int:
+  from pixart_jax.data.demo import IMAGE_SIZE
+
+  return IMAGE_SIZE // DOWNSAMPLE
 
 
 def train_config(data_dir: str, *, steps: int, batch: int, seed: int):
+  """The tiny PixArt: 4 blocks of width 96 over the 4x4 latent grid (patch 1: 16 tokens of 12 channels)."""
+  from pixart_jax.data.demo import IMAGE_SIZE
   from pixart_jax.train.config_defaults import base_config
 
-  c = base_config(preset="tiny", table=None, batch_size=batch, warmup=100, lr=1e-3)
+  c = base_config(preset="tiny", table=None, batch_size=batch, warmup=100, lr=5e-4)
   c.seed = seed
   o = c.model.overrides
-  o.depth, o.hidden_size, o.num_heads, o.patch_size = 4, 96, 4, 2
-  o.in_channels, o.caption_channels, o.sample_size = 12, T5_WIDTH, 8
-  o.max_caption_len, o.interpolation_scale, o.image_size = CAPTION_TOKENS, 1.0, 16
+  o.depth, o.hidden_size, o.num_heads, o.patch_size = 4, 96, 4, 1
+  o.in_channels, o.caption_channels, o.sample_size = 3 * DOWNSAMPLE**2, T5_WIDTH, latent_size()
+  o.max_caption_len, o.interpolation_scale, o.image_size = CAPTION_TOKENS, 1.0, IMAGE_SIZE
   c.model.dtype, c.model.remat = "float32", "none"
   c.mesh = (("data", -1),)
   c.data.dir = data_dir
@@ -122,7 +131,8 @@ def sample_digits(result, spec, text, per_digit: int, guidance: float, seed: int
   prompts = [demo_data.caption(int(d), 0) for d in labels]
   cond, mask = text.encode_prompts(prompts)
   un, un_mask = text.encode_prompts([""] * len(prompts))
-  x_T = jax.random.normal(jax.random.key(seed), (len(prompts), 8, 8, 12), jnp.float32)
+  n = latent_size()
+  x_T = jax.random.normal(jax.random.key(seed), (len(prompts), n, n, 3 * DOWNSAMPLE**2), jnp.float32)
 
   @jax.jit
   def run(params, x_T, cond, mask, un, un_mask, scale):
@@ -164,7 +174,7 @@ def main(argv):
   enc = build_encoders(work, FLAGS.seed)
   source = resolve_source("demo:digits")
   prepare(source, enc, str(work / "data"), options=PrepareOptions(
-      table={"1.00": (16, 16)}, shard_size=600, batch_size=300, min_side=8, resample="nearest", num_threads=2),
+      table={"1.00": (demo_data.IMAGE_SIZE, demo_data.IMAGE_SIZE)}, shard_size=600, batch_size=300, min_side=8, resample="nearest", num_threads=2),
       source_id="demo:digits", progress=True)
   times["prepare_s"] = time.perf_counter() - t0
 
@@ -191,12 +201,12 @@ def main(argv):
     Image.fromarray(img).resize((64, 64), Image.NEAREST).save(out / f"digit_{d}_{counters[d]}.png")
     counters[d] += 1
   big = np.stack([np.asarray(Image.fromarray(i).resize((48, 48), Image.NEAREST)) for i in u8])
-  contact_sheet(big, cols=FLAGS.per_digit).save(out / "contact_sheet.png")
+  contact_sheet(big, cols=FLAGS.per_digit, gap=4).save(out / "contact_sheet.png")
 
   print("[demo] 5/5 prompt adherence (an SVM trained on the real digits classifies the samples)")
   clf, held_out = classifier()
-  adh_g = float(np.mean(clf.predict(demo_data.from_rgb16(images_g)) == labels))
-  adh_p = float(np.mean(clf.predict(demo_data.from_rgb16(images_p)) == labels))
+  adh_g = float(np.mean(clf.predict(demo_data.from_rgb(images_g)) == labels))
+  adh_p = float(np.mean(clf.predict(demo_data.from_rgb(images_p)) == labels))
   times["total_s"] = time.perf_counter() - t0
   report = {"adherence_guided": adh_g, "adherence_unguided": adh_p, "guidance_scale": FLAGS.guidance,
             "classifier_held_out_accuracy": held_out, "train_steps": FLAGS.steps, "batch_size": FLAGS.batch_size,

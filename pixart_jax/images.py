@@ -13,18 +13,23 @@ def to_uint8(images) -> np.ndarray:
   return np.round(x * 255).astype(np.uint8)
 
 
-def contact_sheet(images: np.ndarray, cols: int | None = None):
-  """(N, H, W, 3) uint8 images of one size -> a PIL grid image (white padding)."""
+def contact_sheet(images: np.ndarray, cols: int | None = None, gap: int = 0):
+  """(N, H, W, 3) uint8 images of one size -> a PIL grid image, row-major, `gap` white pixels between cells.
+
+  Size: (rows * H + (rows - 1) * gap) x (cols * W + (cols - 1) * gap); unused cells stay white."""
   from PIL import Image
 
   images = np.asarray(images)
   n, h, w, _ = images.shape
+  if gap < 0:
+    raise ValueError(f"contact_sheet: gap must be >= 0, got {gap}")
   cols = cols or int(np.ceil(np.sqrt(n)))
   rows = int(np.ceil(n / cols))
-  sheet = np.full((rows * h, cols * w, 3), 255, np.uint8)
+  sheet = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, np.uint8)
   for i, img in enumerate(images):
     r, c = divmod(i, cols)
-    sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    y, x = r * (h + gap), c * (w + gap)
+    sheet[y:y + h, x:x + w] = img
   return Image.fromarray(sheet)
 
 

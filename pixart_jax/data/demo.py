@@ -1,5 +1,5 @@
-"""The demo's dataset: scikit-learn's handwritten digits (1,797 real 8x8 scans shipped inside the package),
-upscaled to 16x16 RGB, each with captions that name the digit in several phrasings.
+"""The demo's dataset: scikit-learn's handwritten digits (1,797 real 8x8 scans shipped inside the package) as
+8x8 RGB images, each with captions that name the digit in several phrasings.
 
 Importing this module registers the source "demo:digits" for `prepare`.
 """
@@ -16,7 +16,7 @@ TEMPLATES = (
     "digit {w}",
     "the numeral {w}, handwritten",
 )
-IMAGE_SIZE = 16  # pixels; the 8x8 scans upscaled 2x (nearest)
+IMAGE_SIZE = 8  # pixels: the scans at their native size (grey levels 0..16 -> 0..255, grey as RGB)
 
 
 def caption(digit: int, variant: int) -> str:
@@ -35,26 +35,27 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
   return d.images.astype(np.float32), d.target.astype(np.int64)
 
 
-def to_rgb16(images: np.ndarray) -> np.ndarray:
-  """(N, 8, 8) in [0, 16] -> (N, 16, 16, 3) uint8 (ink is bright)."""
+def to_rgb(images: np.ndarray) -> np.ndarray:
+  """(N, 8, 8) in [0, 16] -> (N, 8, 8, 3) uint8 (ink is bright)."""
   x = np.clip(np.round(images / 16.0 * 255.0), 0, 255).astype(np.uint8)
-  x = x.repeat(2, axis=1).repeat(2, axis=2)
   return np.repeat(x[..., None], 3, axis=-1)
 
 
-def from_rgb16(images: np.ndarray) -> np.ndarray:
-  """(N, 16, 16, 3) images in [-1, 1] -> (N, 64) features in [0, 16] (the classifier's input space)."""
-  x = (np.asarray(images, np.float32).mean(-1) + 1.0) / 2.0 * 16.0
-  x = x.reshape(-1, 8, 2, 8, 2).mean(axis=(2, 4))
-  return np.clip(x, 0, 16).reshape(len(x), 64)
+def from_rgb(images: np.ndarray) -> np.ndarray:
+  """(N, 8, 8, 3) images in [-1, 1] -> (N, 64) features in [0, 16] (the classifier's input space)."""
+  x = np.asarray(images, np.float32)
+  if x.ndim != 4 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+    raise ValueError(f"expected (N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3) images, got {x.shape}")
+  x = (x.mean(-1) + 1.0) / 2.0 * 16.0
+  return np.clip(x, 0, 16).reshape(len(x), IMAGE_SIZE * IMAGE_SIZE)
 
 
 class DigitsSource:
-  """N examples: 16x16 RGB uint8 digit images; caption and long caption name the digit."""
+  """N examples: 8x8 RGB uint8 digit images; caption and long caption name the digit."""
 
   def __init__(self):
     images, self.labels = load_digits()
-    self.images = to_rgb16(images)
+    self.images = to_rgb(images)
 
   def __len__(self) -> int:
     return len(self.labels)
