@@ -3,7 +3,6 @@ take the same bucket at every step, hold disjoint examples, and one epoch covers
 exactly once; the per-example latents equal a single-process run's."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,16 +11,12 @@ import pytest
 
 from pixart_jax.data import pipeline, synthetic
 
+from train_testlib import free_port
+
 TABLE = {"0.5": (32, 64), "1.0": (48, 48), "2.0": (64, 32)}
 COUNTS = {"0.5": 8, "1.0": 12, "2.0": 4}   # multiples of the global batch (4): nothing dropped
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_data_worker.py")
 ROOT = os.path.dirname(os.path.dirname(__file__))
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -31,7 +26,7 @@ def test_two_hosts_same_buckets_disjoint_examples(tmp_path):
   synthetic.write_synthetic_dataset(data, COUNTS, table=TABLE, text_dim=8, latent_channels=4,
                                     caption_tokens=(2, 10), long_caption_tokens=(12, 20),
                                     shard_size=7, seed=1)
-  port = _free_port()
+  port = free_port()
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   procs = [subprocess.Popen([sys.executable, WORKER, "epoch", str(data), str(tmp_path / f"h{i}.json"),
                              str(port), str(i), "2", "7"], cwd=ROOT, env=env,

@@ -1,7 +1,6 @@
 """Two local processes x 4 CPU devices (jax.distributed over 127.0.0.1, gloo collectives) train like one process
 x 8 devices: the same FSDP mesh, the same global batches (each process feeds its own rows), the same losses."""
 import pathlib
-import socket
 import subprocess
 
 import numpy as np
@@ -11,13 +10,7 @@ from pixart_jax.train.checkpoint import Checkpointer
 from pixart_jax.train.loop import train_and_evaluate
 from pixart_jax.train.metrics import read_jsonl
 
-from train_testlib import ROOT, cli_args, fast_compiles, smoke_config, subprocess_env
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+from train_testlib import ROOT, cli_args, fast_compiles, free_port, smoke_config, subprocess_env
 
 
 @pytest.mark.slow
@@ -29,7 +22,7 @@ def test_two_processes_match_one_process(tmp_path_factory):
     train_and_evaluate(smoke_config(steps=4), str(base / "one"))
   want = {r["step"]: r["loss"] for r in read_jsonl(base / "one" / "metrics.jsonl")}
 
-  wd, port = base / "two", _free_port()
+  wd, port = base / "two", free_port()
   env = subprocess_env(cache, 4)
   procs = [subprocess.Popen(
       cli_args(wd, "--config.steps=4", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",

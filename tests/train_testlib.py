@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -77,3 +78,10 @@ def cli_args(workdir, *overrides: str, recipe: pathlib.Path = RECIPE) -> list[st
 
 def run_cli(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
   return subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+  """A free TCP port on 127.0.0.1 (jax.distributed coordinator of the multi-process tests)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]

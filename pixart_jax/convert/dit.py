@@ -173,14 +173,8 @@ def load_transformer(src: str | os.PathLike, *, config: DiTConfig | str | None =
     cfg = config or config_from_diffusers(raw, has_micro_keys=has_micro)
     keymap, drop = dit_keys.diffusers_keymap(cfg), (lambda k: False)
   with source:
-    abstract = nnx.eval_shape(lambda: PixArtSigma(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan,
-                                                  rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    targets = flat_targets(state)
-    shardings = None
-    if mesh is not None:
-      sh = state_shardings(state, mesh, rules)
-      shardings = {tuple(p): s for p, s in nnx.to_flat_state(sh)}
+    graphdef, state, targets, shardings = _abstract_targets(cfg, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                                                            rules=rules, remat=remat, scan=scan)
     _check_expected_keys(cfg, source.keys(), official=keymap is not None and drop is dit_keys.official_drop,
                          allow_missing=allow_missing)
     flat = load_strict(targets, source, keymap, drop=drop, shardings=shardings,
@@ -191,17 +185,23 @@ def load_transformer(src: str | os.PathLike, *, config: DiTConfig | str | None =
   return nnx.merge(graphdef, state)
 
 
+def _abstract_targets(cfg: DiTConfig, *, dtype, param_dtype, mesh, rules, remat, scan):
+  """(graphdef, abstract state, {path: abstract leaf}, {path: sharding} or None) of the model to load into."""
+  abstract = nnx.eval_shape(lambda: PixArtSigma(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan,
+                                                rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  shardings = None
+  if mesh is not None:
+    shardings = {tuple(p): s for p, s in nnx.to_flat_state(state_shardings(state, mesh, rules))}
+  return graphdef, state, flat_targets(state), shardings
+
+
 def _load_ours(src, cfg: DiTConfig, *, dtype, param_dtype, mesh, rules, remat, scan, progress) -> PixArtSigma:
   """Our checkpoint (workdir / Orbax dir) into a model of config `cfg` (`convert.ours`, weak-to-strong rules)."""
   from pixart_jax.convert import ours
 
-  abstract = nnx.eval_shape(lambda: PixArtSigma(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan,
-                                                rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  targets = flat_targets(state)
-  shardings = None
-  if mesh is not None:
-    shardings = {tuple(p): s for p, s in nnx.to_flat_state(state_shardings(state, mesh, rules))}
+  graphdef, state, targets, shardings = _abstract_targets(cfg, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                                                          rules=rules, remat=remat, scan=scan)
   flat = ours.load_ours(src, cfg, targets, shardings=shardings, progress=progress)
   for p in [p for p in targets if p not in flat]:  # only the KV-compression parameters (allow_missing)
     arr = _weak_to_strong_init(cfg, p, targets[p])
