@@ -29,9 +29,10 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import DEVICE_PEAKS, fmt_table, machine_description  # noqa: E402
+from bench.common import fmt_table, machine_description  # noqa: E402
 from pixart_jax.data import buckets, pipeline, synthetic  # noqa: E402
 from pixart_jax.data.encoders import local_mesh  # noqa: E402
+from pixart_jax.parallel import chips  # noqa: E402
 
 
 def train_flops_per_image(tokens: int, *, hidden: int = 1152, depth: int = 28, caption: int = 300,
@@ -73,7 +74,7 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
   p.add_argument("--workers", default="0,2", help="comma-separated grain worker counts to time")
   p.add_argument("--read_threads", type=int, default=2, help="grain ReadOptions.num_threads")
-  p.add_argument("--device", default="v5p", choices=sorted(DEVICE_PEAKS), help="chip for the estimate")
+  p.add_argument("--device", default="v5p", choices=sorted(chips.BY_NAME), help="chip for the estimate")
   p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization for the estimate")
   p.add_argument("--chips_per_host", type=int, default=4, help="accelerator chips fed by one host")
   p.add_argument("--measured_steps_per_s", type=float, default=0.0,
@@ -107,7 +108,7 @@ def main() -> None:
 
   tokens = [table[k][0] * table[k][1] // 256 for k in keys]   # (H/16) (W/16) image tokens
   flops = float(np.mean([train_flops_per_image(t) for t in tokens]))
-  peak = DEVICE_PEAKS[args.device]["bf16_flops"]
+  peak = chips.BY_NAME[args.device].bf16_flops
   per_chip = peak * args.mfu / flops
   need = (args.measured_steps_per_s * args.global_batch if args.measured_steps_per_s
           else per_chip * args.chips_per_host)

@@ -1,4 +1,5 @@
-"""Shared helpers for the bench/ scripts: timing, a measured matmul peak, device peaks, machine description.
+"""Shared helpers for the bench/ scripts: timing, a measured matmul peak, machine description (the chips' peaks
+and HBM are `pixart_jax.parallel.chips`).
 
 Timing protocol (every script): `warmup` untimed calls (the first one compiles for JAX), then `runs` timed calls;
 we report the median (and min). JAX calls must end in `block_until_ready` inside the timed callable.
@@ -12,17 +13,6 @@ import platform
 import statistics
 import time
 from typing import Callable
-
-# Dense peak FLOP/s per chip from vendor data sheets (bf16 unless noted; fp32 on TPUs runs as multi-pass bf16).
-# HBM in bytes per chip (GiB as XLA reports them). Used for MFU and for the plan tool's "will it fit" verdicts.
-DEVICE_PEAKS: dict[str, dict[str, float]] = {
-    "v4": {"bf16_flops": 275e12, "hbm": 32 * 2**30},
-    "v5e": {"bf16_flops": 197e12, "hbm": 16 * 2**30},
-    "v5p": {"bf16_flops": 459e12, "hbm": 95.74 * 2**30},
-    "v6e": {"bf16_flops": 918e12, "hbm": 32 * 2**30},
-    "H100": {"bf16_flops": 989e12, "tf32_flops": 494e12, "fp32_flops": 67e12, "hbm": 80 * 2**30},
-    "H200": {"bf16_flops": 989e12, "tf32_flops": 494e12, "fp32_flops": 67e12, "hbm": 141e9},
-}
 
 
 @dataclasses.dataclass(frozen=True)

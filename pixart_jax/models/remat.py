@@ -1,25 +1,16 @@
 """Remat (gradient checkpointing) policies by name, parsed once at the edge."""
 from __future__ import annotations
 
-import enum
-
 import jax
 
+from pixart_jax.enums import ParsedEnum
 
-class RematPolicy(enum.Enum):
+
+class RematPolicy(ParsedEnum, what="remat policy"):
   NONE = "none"                  # keep every activation
   FULL = "full"                  # recompute everything in the backward pass (save only block inputs)
   DOTS = "dots"                  # save matmul outputs
   DOTS_NO_BATCH = "dots_no_batch"  # save matmuls without batch dims (weights-side products)
-
-  @classmethod
-  def parse(cls, name: "str | RematPolicy") -> "RematPolicy":
-    if isinstance(name, cls):
-      return name
-    try:
-      return cls(str(name).lower())
-    except ValueError:
-      raise ValueError(f"unknown remat policy {name!r}; choose from {[p.value for p in cls]}") from None
 
   def wrap(self, fn):
     """Wraps a scan body with jax.checkpoint under this policy (identity for NONE)."""

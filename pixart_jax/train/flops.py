@@ -6,8 +6,8 @@ timestep / caption MLPs, per block self-attn q k v out (+ the KV-compression con
 3 x forward (backward = 2 x forward); recomputation under remat is NOT counted, so MFU here is model-FLOPs
 utilisation. S is the padded caption length: all 300 tokens are computed.
 
-Peak: dense bf16 FLOP/s per chip from `PEAK_BF16` (vendor figures); on a CPU (no table entry) the loop measures an
-fp32 matmul chain on one device (`measure_matmul_peak`) and reports utilisation against that.
+Peak: dense bf16 FLOP/s per chip from `parallel.chips` (vendor figures); on a CPU (no table entry) the loop measures
+an fp32 matmul chain on one device (`measure_matmul_peak`) and reports utilisation against that.
 """
 from __future__ import annotations
 
@@ -18,20 +18,7 @@ import jax.numpy as jnp
 
 from pixart_jax.models import flops as model_flops
 from pixart_jax.models.config import DiTConfig
-
-# Dense bf16 peak FLOP/s per chip (vendor figures). Matched in order against `device.device_kind`, lower-cased.
-PEAK_BF16: tuple[tuple[str, float], ...] = (
-    ("tpu v6 lite", 918e12),   # v6e (Trillium)
-    ("tpu v6e", 918e12),
-    ("tpu v5 lite", 197e12),   # v5e
-    ("tpu v5e", 197e12),
-    ("tpu v5p", 459e12),
-    ("tpu v5", 459e12),        # v5p reports "TPU v5"
-    ("tpu v4", 275e12),
-    ("h200", 989e12),          # SXM, dense
-    ("h100", 989e12),          # SXM, dense (PCIe: 756e12)
-    ("a100", 312e12),
-)
+from pixart_jax.parallel.chips import chip_of
 
 
 def train_step_flops(cfg: DiTConfig, batch: int, height: int, width: int, caption_len: int | None = None) -> float:
@@ -40,13 +27,9 @@ def train_step_flops(cfg: DiTConfig, batch: int, height: int, width: int, captio
 
 
 def device_peak_flops(device: jax.Device | None = None) -> float | None:
-  """Peak bf16 FLOP/s of `device` from PEAK_BF16, or None when the kind is unknown (or a CPU)."""
-  device = device or jax.local_devices()[0]
-  kind = device.device_kind.lower()
-  for key, peak in PEAK_BF16:
-    if key in kind:
-      return peak
-  return None
+  """Peak bf16 FLOP/s of `device` from `parallel.chips`, or None when the kind is unknown (or a CPU)."""
+  chip = chip_of((device or jax.local_devices()[0]).device_kind)
+  return None if chip is None else chip.bf16_flops
 
 
 def measure_matmul_peak(n: int = 1024, dtype=jnp.float32, seconds: float = 1.0,

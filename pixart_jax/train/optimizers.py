@@ -24,22 +24,22 @@ update per step (see `pixart_jax.train.step`).
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 import jax.numpy as jnp
 import optax
 
+from pixart_jax.enums import ParsedEnum
 from pixart_jax.train.came import came, torch_layout_factored_dims
 
 BASE_BATCH = 256
 
 
-class OptimizerName(enum.Enum):
+class OptimizerName(ParsedEnum, what="optimizer"):
   CAME = "came"
   ADAMW = "adamw"
 
 
-class LrRule(enum.Enum):
+class LrRule(ParsedEnum, what="auto_lr rule"):
   SQRT = "sqrt"      # lr * sqrt(global_batch / base_batch)   (official auto_lr, the default)
   LINEAR = "linear"  # lr * global_batch / base_batch
   NONE = "none"      # lr as given
@@ -83,16 +83,9 @@ class OptimizerConfig:
   def from_dict(cls, d) -> "OptimizerConfig":
     """From a `config.optimizer` ConfigDict / mapping; strings parsed into enums, sequences into tuples."""
     d = dict(d)
-    raw = d.pop("name", "came")
-    try:
-      name = OptimizerName(str(raw).lower())
-    except ValueError:
-      raise ValueError(f"unknown optimizer {raw!r}; choose from {[n.value for n in OptimizerName]}") from None
+    name = OptimizerName.parse(d.pop("name", "came"))
     rule = d.pop("auto_lr", "sqrt")
-    try:
-      rule = LrRule("none" if rule is None else str(rule).lower())
-    except ValueError:
-      raise ValueError(f"unknown auto_lr rule {rule!r}; choose from {[r.value for r in LrRule]}") from None
+    rule = LrRule.parse("none" if rule is None else rule)
     eps = d.pop("eps", (1e-30, 1e-16) if name is OptimizerName.CAME else (1e-8,))
     eps = (float(eps),) if isinstance(eps, (int, float)) else tuple(float(e) for e in eps)
     betas = tuple(float(b) for b in d.pop("betas", (0.9, 0.999, 0.9999)))
