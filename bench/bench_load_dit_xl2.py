@@ -30,10 +30,10 @@ def write_checkpoints(out: pathlib.Path) -> None:
 
   cfg = PRESETS["sigma-xl2-1024-ms"]
   rng = np.random.default_rng(0)
-  from pixart_jax.models.dit import abstract_model
+  from pixart_jax.models.spec import abstract
   from flax import nnx
 
-  shapes = {tuple(p): v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(abstract_model(cfg)))}
+  shapes = {tuple(p): v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(abstract(cfg)))}
 
   def tensors():
     for e in diffusers_table(cfg):

@@ -184,11 +184,11 @@ def main():
       if compiled is None:
         c0 = time.perf_counter()
         compiled = stp.jit_train_step(fn, shardings, {k: rep for k in batch}, mesh).lower(
-            holder["state"], batch, null).compile()
+            holder["state"], batch, null, ()).compile()
         compile_s = time.perf_counter() - c0
 
       def jax_step():
-        holder["state"], m = compiled(holder["state"], batch, null)
+        holder["state"], m = compiled(holder["state"], batch, null, ())
         jax.block_until_ready(m)
 
       tj = time_fn(jax_step, warmup=args.warmup, runs=args.runs)

@@ -3,7 +3,7 @@ r"""KV-compression fine-tune at 1024 px (official `PixArt_sigma_xl2_img1024_inte
 Self-attention keys/values of the deep half (layers 14-27) are compressed 2x2 by a depthwise conv + LayerNorm.
 Weak-to-strong: start from the 1024-MS weights; the new `compress` parameters are absent from that checkpoint and
 take their "Conv Avg Init" (kernel 1/R^2, bias 0, LayerNorm 1/0): the documented non-strict loading rule
-(`pixart_jax.convert.dit.kv_compress_missing`). Warmup 500, CAME lr 2e-5 (paper: 1e-5), official batch 4 per GPU
+(`pixart_jax.convert.ours.kv_compress_missing`). Warmup 500, CAME lr 2e-5 (paper: 1e-5), official batch 4 per GPU
 ("16"); `data.batch_size` is the GLOBAL batch, lr = lr_256 * sqrt(batch / 256).
 
 Train (every host of the slice):

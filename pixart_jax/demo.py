@@ -116,37 +116,27 @@ def classifier():
 
 def sample_digits(result, spec, text, per_digit: int, guidance: float, seed: int):
   """(guided latents, unguided latents, labels) for the prompts `caption(d, 0)`, per_digit each (same noise)."""
+  import functools
+
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from flax import nnx
 
   from pixart_jax.data import demo as demo_data
-  from pixart_jax.diffusion import samplers
-  from pixart_jax.diffusion.guidance import cfg_model_fn
+  from pixart_jax.diffusion.denoise import STATIC_ARGNAMES, denoise
 
   graphdef, _ = spec.split()
   params = result.state.ema if result.state.ema is not None else result.state.params
   labels = np.repeat(np.arange(10), per_digit)
   prompts = [demo_data.caption(int(d), 0) for d in labels]
-  cond, mask = text.encode_prompts(prompts)
-  un, un_mask = text.encode_prompts([""] * len(prompts))
+  cond = text.encode_prompts(prompts)
+  uncond = text.encode_prompts([""] * len(prompts))
   n = latent_size()
   x_T = jax.random.normal(jax.random.key(seed), (len(prompts), n, n, 3 * DOWNSAMPLE**2), jnp.float32)
-
-  @jax.jit
-  def run(params, x_T, cond, mask, un, un_mask, scale):
-    model = nnx.merge(graphdef, params)
-    fn = cfg_model_fn(lambda x, t, y, m: model(x, t, y, m), (cond, mask), (un, un_mask), scale)
-    return samplers.sample("dpm-solver", fn, x_T, num_steps=20)
-
-  def run_unguided(params, x_T):
-    model = nnx.merge(graphdef, params)
-    fn = cfg_model_fn(lambda x, t, y, m: model(x, t, y, m), (cond, mask), None, 1.0)
-    return samplers.sample("dpm-solver", fn, x_T, num_steps=20)
-
-  guided = run(params, x_T, cond, mask, un, un_mask, jnp.float32(guidance))
-  plain = jax.jit(run_unguided)(params, x_T)
+  run = jax.jit(functools.partial(denoise, graphdef), static_argnames=STATIC_ARGNAMES)
+  kw = dict(sampler="dpm-solver", steps=20)
+  guided = run(params, x_T, cond, uncond, jnp.float32(guidance), None, **kw)
+  plain = run(params, x_T, cond, None, jnp.float32(1.0), None, **kw)
   return np.asarray(guided), np.asarray(plain), labels
 
 

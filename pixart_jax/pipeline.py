@@ -11,8 +11,9 @@ What diffusers' PixArtSigmaPipeline does, step by step, and what we do the same 
   * the request is binned to the closest aspect-ratio bucket of the checkpoint's table, sampled there, decoded,
     then bilinearly resized to cover the request and center-cropped (`use_resolution_binning`);
   * images are (x / 2 + 0.5) clipped to [0, 1], times 255, rounded.
-The whole denoising loop is one jitted program per (batch, latent shape, sampler, steps, guidance on/off); the
-guidance scale is a traced argument, so changing it does not recompile. Initial noise of image i is drawn from
+The whole denoising loop is one jitted program (`diffusion.denoise`, the same the planner compiles) per (batch,
+latent shape, sampler, steps, guidance on/off); the guidance scale is a traced argument, so changing it does not
+recompile. Initial noise of image i is drawn from
 `fold_in(key(seed), i)`, so an image does not change with the batch it is generated in.
 """
 from __future__ import annotations
@@ -27,16 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from pixart_jax.data import buckets
 from pixart_jax.diffusion import samplers
-from pixart_jax.diffusion.guidance import cfg_model_fn
+from pixart_jax.diffusion.denoise import STATIC_ARGNAMES, denoise
 from pixart_jax.images import to_uint8
+from pixart_jax.models.attention_backends import AttentionOptions
 from pixart_jax.models.dit import PixArtSigma
 from pixart_jax.models.text_encoder import TextEncoder
 from pixart_jax.models.vae import AutoencoderKL
-from pixart_jax.parallel.sharding import LOGICAL_RULES, shard_model
+from pixart_jax.parallel.sharding import LOGICAL_RULES, batch_sharding, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Pipeline:
     self.num_traces = 0  # how many times the denoising program was traced (compile-cache checks)
     self._dit_graph, self._dit_state = nnx.split(transformer)
     self._vae_graph, self._vae_state = nnx.split(vae)
-    self._denoise = jax.jit(self._denoise_impl, static_argnames=("sampler", "steps", "use_cfg", "mode"))
+    self._denoise = jax.jit(self._denoise_traced, static_argnames=STATIC_ARGNAMES)
     self._decode = jax.jit(self._decode_impl, static_argnames=("height", "width"))
 
   # -----------------------------------------------------------------------------------------------------------
@@ -88,14 +89,15 @@ class Pipeline:
   def from_pretrained(cls, src: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=jnp.float32, text_dtype=None,
                       vae_dtype=jnp.float32,
                       transformer: str | os.PathLike | None = None, transformer_config=None,
-                      mesh: jax.sharding.Mesh | None = None, rules=LOGICAL_RULES, progress: bool = False
-                      ) -> "Pipeline":
+                      attention: AttentionOptions | str | None = None, mesh: jax.sharding.Mesh | None = None,
+                      rules=LOGICAL_RULES, progress: bool = False) -> "Pipeline":
     """src: a diffusers PixArt-Sigma pipeline directory or Hub id (transformer/, text_encoder/, tokenizer/, vae/).
 
     transformer: another source for the DiT (a .pth, an Orbax dir from `convert`, a transformer/ dir, a Hub id),
       e.g. a fine-tune combined with `PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers`.
     dtype: compute dtype of the DiT (bf16 on accelerators); param_dtype: its storage dtype (bf16 halves HBM).
     text_dtype: compute dtype of T5 (default: `dtype`). vae_dtype: compute dtype of the VAE (float32 default).
+    attention: how the DiT's attention runs (`AttentionOptions`, a backend name such as "splash", None: xla).
     """
     from pixart_jax.convert.dit import load_transformer
     from pixart_jax.convert.hub import resolve_local
@@ -103,36 +105,20 @@ class Pipeline:
 
     local = resolve_local(src, allow_patterns=None)
     dit = load_transformer(transformer or local, config=transformer_config, dtype=dtype, param_dtype=param_dtype,
-                           mesh=mesh, rules=rules, progress=progress)
+                           attention=attention, mesh=mesh, rules=rules, progress=progress)
     text = TextEncoder.from_pretrained(local, dtype=text_dtype or dtype, mesh=mesh, rules=rules, progress=progress)
     vae = load_vae(local, dtype=vae_dtype)
     return cls(text, dit, vae, mesh=mesh, rules=rules)
 
   # -----------------------------------------------------------------------------------------------------------
-  def _denoise_impl(self, state, latents, cond_emb, cond_mask, un_emb, un_mask, scale, key, *, sampler, steps,
-                    use_cfg, mode):
+  def _denoise_traced(self, state, latents, cond, uncond, scale, key, **static):
     self.num_traces += 1
-    model = nnx.merge(self._dit_graph, state)
-
-    def apply(x, t, y, m):
-      return model(x, t, y, m)
-
-    model_fn = cfg_model_fn(apply, (cond_emb, cond_mask), (un_emb, un_mask) if use_cfg else None,
-                            scale if use_cfg else 1.0, mode=mode)
-    return samplers.sample(sampler, model_fn, latents, num_steps=steps, key=key)
+    return denoise(self._dit_graph, state, latents, cond, uncond, scale, key, **static)
 
   def _decode_impl(self, state, z, *, height, width):
     vae = nnx.merge(self._vae_graph, state)
     img = vae.decode(vae.unscale_latent(z)).astype(jnp.float32)
     return resize_cover_crop(img, height, width)
-
-  def _batch_sharding(self, batch: int):
-    if self.mesh is None:
-      return None
-    axes = tuple(a for a in ("data", "fsdp") if self.mesh.shape[a] > 1)
-    n = int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
-    spec = PartitionSpec(axes) if axes and batch % n == 0 else PartitionSpec()
-    return NamedSharding(self.mesh, spec)
 
   def encode(self, prompts: Sequence[str], text_preprocessing: str = "lower") -> tuple[jax.Array, jax.Array]:
     """Prompts -> (embeds (B, 300, D) f32, mask (B, 300) int32), with diffusers' light preprocessing."""
@@ -196,18 +182,15 @@ class Pipeline:
     cond_emb, cond_mask = self.encode(prompts, text_preprocessing)
     if use_cfg:
       un_emb, un_mask = self.encode(negs, text_preprocessing)
-    else:
-      un_emb, un_mask = cond_emb, cond_mask  # unused by the traced program
     t_enc = time.perf_counter()
 
-    args = [latents, cond_emb, cond_mask, un_emb, un_mask]
-    sharding = self._batch_sharding(b)
-    if sharding is not None:
-      args = [jax.device_put(a, sharding) for a in args]
+    args = (latents, (cond_emb, cond_mask), (un_emb, un_mask) if use_cfg else None)
+    if self.mesh is not None:  # every batch array over the batch axes (replicated where the batch does not split)
+      args = jax.device_put(args, batch_sharding(self.mesh, self.rules, (b,)))
     ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
     with ctx:
       x0 = self._denoise(self._dit_state, *args, jnp.float32(guidance_scale), jax.random.key(seed),
-                         sampler=sampler, steps=steps, use_cfg=use_cfg, mode=guidance_mode)
+                         sampler=sampler, steps=steps, mode=guidance_mode)
       x0 = jax.block_until_ready(x0)
       t_den = time.perf_counter()
       tile = vae_tile_latent or (128 if max(sh, sw) > 2048 else None)

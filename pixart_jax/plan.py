@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="python -m pixart_jax.plan", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", help="experiment config configs/FILE.py[:ARG]; reads model.preset (or model.name), "
-                  "model overrides, mesh, batch size, dtype, remat and optimizer when present; flags override it")
+                  "model overrides, model.attention, mesh, batch size, dtype, remat and optimizer when present; "
+                  "flags override it")
   ap.add_argument("--preset", help="DiT preset (pixart_jax.models.config.PRESETS) when no --config names one")
   ap.add_argument("--mesh", help="mesh axes AXIS=SIZE,... over data, fsdp, tensor, sequence (e.g. fsdp=64)")
   ap.add_argument("--devices", type=int, help="fake CPU device count (default: product of the mesh sizes)")
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> list[dict]:
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 
-  from pixart_jax.models.config import get_preset
+  from pixart_jax.models.attention_backends import AttentionOptions
+  from pixart_jax.models.config import from_preset
   from pixart_jax.parallel import planning
   from pixart_jax.parallel.mesh import make_mesh
   from pixart_jax.train.optimizers import OptimizerConfig
@@ -173,8 +175,9 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> list[dict]:
   if preset is None:
     raise SystemExit("name the model: --preset NAME or a config with model.preset")
   overrides = dict(_get(config, "model.overrides", default={}) or {}) if config is not None else {}
+  attention = _get(config, "model.attention") if config is not None else None
   try:
-    cfg = get_preset(str(preset), **overrides)
+    cfg = from_preset(str(preset), overrides)
     mesh = make_mesh(mesh_spec, devices=_devices(args))
     h, w = _parse_res(args.res) if args.res else (cfg.image_size, cfg.image_size)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> list[dict]:
         remat=args.remat or str(cget("model.remat", "remat", default="full")),
         ema=bool(args.ema if args.ema is not None else cget("ema.rate", default=None) is not None),
         grad_accum=args.grad_accum or int(cget("grad_accum", "train.grad_accum", default=1)),
-        steps=args.steps, guidance=not args.no_guidance)
+        steps=args.steps, guidance=not args.no_guidance, attention=AttentionOptions.parse(attention))
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
   what = [x.strip() for x in args.what.split(",") if x.strip()]

@@ -23,8 +23,9 @@ from flax import nnx
 from pixart_jax.models.attention import CrossAttention, SelfAttention
 from pixart_jax.models.attention_backends import (AttentionBackend, AttentionOptions, SplashBlockSizes,
                                                   dot_product_attention, select_backend, splash_local)
-from pixart_jax.models.config import DiTConfig, get_preset
-from pixart_jax.models.dit import PixArtSigma, abstract_model
+from pixart_jax.models.config import get_preset
+from pixart_jax.models.dit import PixArtSigma
+from pixart_jax.models.spec import ModelSpec, abstract
 from pixart_jax.parallel.mesh import make_mesh
 
 TOL = 2e-6
@@ -97,23 +98,31 @@ def fwd_and_grads(module, *args):
   return out, grads
 
 
-def test_names_config_and_block_sizes():
+def test_names_options_and_block_sizes():
   assert AttentionBackend.parse("Splash") is AttentionBackend.SPLASH
   with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
     AttentionBackend.parse("flash")
   with pytest.raises(ValueError, match="unknown attention backend"):
-    DiTConfig(attention="flash")
+    AttentionOptions(backend="flash")
+  with pytest.raises(ValueError, match="unknown attention backend"):
+    ModelSpec(get_preset("tiny"), attention="flash")
   with pytest.raises(ValueError, match="multiple of 128"):
-    DiTConfig(splash_block_sizes=(512, 100, 100))
+    AttentionOptions(block_sizes=(512, 100, 100))
   with pytest.raises(ValueError, match="not a multiple of block_kv_compute"):
     SplashBlockSizes(128, 384, 256)
   with pytest.raises(ValueError, match=r"\(block_q, block_kv, block_kv_compute\)"):
-    DiTConfig(splash_block_sizes=(512, 512))
-  cfg = DiTConfig(attention="splash", splash_block_sizes=[256, 1024, 512])  # a JSON round trip gives lists
-  assert cfg.splash_block_sizes == (256, 1024, 512) and hash(cfg)
-  back = DiTConfig(**{**json.loads(json.dumps(dataclasses.asdict(cfg))), "kv_compress_layers": ()})
-  assert back == cfg
-  opts = AttentionOptions.from_config(cfg)
+    AttentionOptions(block_sizes=(512, 512))
+  with pytest.raises(ValueError, match="min_seq must be an int >= 0"):
+    AttentionOptions(min_seq=-1)
+  with pytest.raises(ValueError, match=r"unknown attention options \['blocks'\]"):
+    AttentionOptions.parse({"backend": "splash", "blocks": (128, 128, 128)})
+  # The experiment config's block (a JSON round trip gives lists; None keeps a default) and a bare backend name.
+  opts = AttentionOptions.parse(json.loads(json.dumps(dict(backend="splash", block_sizes=[256, 1024, 512],
+                                                           min_seq=1024, interpret=None))))
+  assert opts == AttentionOptions(backend=AttentionBackend.SPLASH, block_sizes=SplashBlockSizes(256, 1024, 512))
+  assert hash(opts) == hash(AttentionOptions("splash", block_sizes=(256, 1024, 512)))
+  assert AttentionOptions.parse("splash") == AttentionOptions(backend=AttentionBackend.SPLASH)
+  assert AttentionOptions.parse(None) == AttentionOptions() and AttentionOptions.parse(opts) is opts
   assert opts.backend is AttentionBackend.SPLASH and opts.block_sizes == SplashBlockSizes(256, 1024, 512)
   assert select_backend(opts, 1023) is AttentionBackend.XLA and select_backend(opts, 1024) is AttentionBackend.SPLASH
 
@@ -222,22 +231,28 @@ def test_splash_inside_shard_map_under_mesh():
   assert_grads_close(gp, gp_ref)
 
 
-def test_dit_config_routes_backend():
-  """DiTConfig.attention reaches every attention layer: splash in self- and cross-attention of each stage."""
+def test_model_spec_routes_backend():
+  """ModelSpec.attention (from the experiment's config.model.attention) reaches every attention layer: splash in
+  self- and cross-attention of each stage."""
+  from pixart_jax.train.loop import model_spec
+  from train_testlib import smoke_config
+
   args = (np.zeros((1, 8, 8, 4), np.float32), np.ones((1,), np.float32), np.zeros((1, 16, 32), np.float32),
           np.ones((1, 16), np.int32))
-  cfg = get_preset("tiny", attention="splash", attention_min_seq=0)
-  assert count_primitive(abstract_model(cfg), "pallas_call", *args) == 2  # one scanned stage: self + cross
-  assert count_primitive(abstract_model(cfg.replace(kv_compress_layers=(1,))), "pallas_call", *args) == 4
-  assert count_primitive(abstract_model(cfg.replace(attention="xla")), "pallas_call", *args) == 0
+  spec = model_spec(smoke_config(**{"model.attention.backend": "splash", "model.attention.min_seq": 0}).model)
+  assert spec.attention == AttentionOptions(backend=AttentionBackend.SPLASH, min_seq=0)
+  assert count_primitive(abstract(spec), "pallas_call", *args) == 2  # one scanned stage: self + cross
+  kv = spec.replace(cfg=spec.cfg.replace(kv_compress_layers=(1,)))
+  assert count_primitive(abstract(kv), "pallas_call", *args) == 4
+  assert count_primitive(abstract(spec.replace(attention="xla")), "pallas_call", *args) == 0
+  assert model_spec(smoke_config().model).attention == AttentionOptions()  # the default block: xla
 
 
 @pytest.mark.slow
 def test_dit_forward_splash_matches_xla():
   cfg = get_preset("tiny", kv_compress_layers=(1,))
   ref = perturb(PixArtSigma(cfg, rngs=nnx.Rngs(0)))
-  ours = perturb(PixArtSigma(cfg.replace(attention="splash", attention_min_seq=0,
-                                         splash_block_sizes=(128, 128, 128)), rngs=nnx.Rngs(0)))
+  ours = perturb(PixArtSigma(cfg, attention=SPLASH, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(5)
   x = rng.standard_normal((2, 16, 12, 4)).astype(np.float32)
   t = np.array([3.0, 800.0], np.float32)

@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from pixart_jax.models.config import get_preset
+from pixart_jax.models.spec import ModelSpec
 from pixart_jax.parallel.mesh import make_mesh
 from pixart_jax.train import optimizers as opt
 from pixart_jax.train import state as st
@@ -21,7 +22,7 @@ DATA_STATE = {"grain": {"next_index": 7}, "pipeline": {"global_batch_size": 8, "
 
 
 def _abstract(ema=True):
-  spec = st.ModelSpec(get_preset("tiny", hidden_size=64, num_heads=4))
+  spec = ModelSpec(get_preset("tiny", hidden_size=64, num_heads=4))
   tx, _ = opt.make_optimizer(opt.OptimizerConfig(), 8)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   return jax.eval_shape(functools.partial(st.init_state, spec=spec, tx=tx, ema=ema), key, key)
@@ -125,7 +126,7 @@ def test_a_checkpoint_of_another_model_is_an_error_not_corruption(tmp_path):
   ckpt = Checkpointer(tmp_path / "ck")
   _save(ckpt, 3, state)
   ckpt.wait()
-  spec = st.ModelSpec(get_preset("tiny", hidden_size=32, num_heads=4))
+  spec = ModelSpec(get_preset("tiny", hidden_size=32, num_heads=4))
   tx, _ = opt.make_optimizer(opt.OptimizerConfig(), 8)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   other = jax.eval_shape(functools.partial(st.init_state, spec=spec, tx=tx, ema=True), key, key)

@@ -20,11 +20,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pixart_jax.convert import hub
 from pixart_jax.convert.sources import DictSource, SafetensorsSource, TorchSource, open_tensors
-from pixart_jax.convert.strict import (Put, WeightLoadError, flat_shardings, flat_targets, load_strict,
-                                      unflatten_into)
+from pixart_jax.convert.strict import Put, WeightLoadError, flat_targets, load_into, load_strict, unflatten_into
 from pixart_jax.convert.torch_pickle import TorchFormatError, UnsafePickleError
 from pixart_jax.convert.writers import save_safetensors_sharded, write_safetensors
-from pixart_jax.parallel.sharding import LOGICAL_RULES, param_init, state_shardings
+from pixart_jax.parallel.sharding import LOGICAL_RULES, param_init
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -527,12 +526,15 @@ def test_shardings_from_abstract_model_and_logical_rules():
     graphdef, abstract = nnx.get_abstract_model(lambda: _Wide(nnx.Rngs(0)), mesh)
   out = load_strict(flat_targets(abstract), src, keymap)
   assert out[("proj", "kernel")].sharding.spec == P("fsdp", "tensor")
-  _, plain = nnx.split(nnx.eval_shape(lambda: _Wide(nnx.Rngs(0))))  # or from the project's rules table
-  shardings = flat_shardings(state_shardings(plain, mesh))
-  out = load_strict(flat_targets(plain), src, keymap, shardings=shardings)
-  assert out[("proj", "kernel")].sharding == shardings[("proj", "kernel")] == NamedSharding(mesh, P("fsdp", "tensor"))
   model = nnx.merge(graphdef, unflatten_into(abstract, out))
   np.testing.assert_array_equal(np.asarray(model.proj.kernel.get_value()), np.arange(32).reshape(8, 4).T)
+  # Or from the project's rules table: `load_into` places each array into its sharding and returns the module.
+  model = load_into(nnx.eval_shape(lambda: _Wide(nnx.Rngs(0))), src, keymap, mesh=mesh)
+  assert model.proj.kernel.get_value().sharding == NamedSharding(mesh, P("fsdp", "tensor"))
+  assert model.proj.bias.get_value().sharding == NamedSharding(mesh, P())  # no logical names: replicated
+  np.testing.assert_array_equal(np.asarray(model.proj.kernel.get_value()), np.arange(32).reshape(8, 4).T)
+  np.testing.assert_array_equal(np.asarray(model.proj.bias.get_value()), np.ones(8))
+  assert model.proj.kernel.get_metadata()["out_sharding"] == ("embed", "mlp")
 
 
 def test_dict_source_of_torch_tensors():

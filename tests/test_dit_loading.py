@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import pixart_jax.convert.dit as dit_convert
 from dit_reference import diffusers_forward, rel_err, tiny_diffusers_transformer
+from pixart_jax.convert.ours import kv_compress_missing
 from pixart_jax.convert.strict import WeightLoadError
 from pixart_jax.parallel.mesh import make_mesh
 
@@ -115,7 +116,7 @@ def test_weak_to_strong_kv_compression(tmp_path):
   cfg = dit_convert.config_from_diffusers(dict(ref.config)).replace(kv_compress_layers=(1, 2))
   with pytest.raises(WeightLoadError, match=r"transformer_blocks\.1\.attn1\.sr\.weight"):
     dit_convert.load_transformer(tmp_path / "t", config=cfg)
-  model = dit_convert.load_transformer(tmp_path / "t", config=cfg, allow_missing=dit_convert.kv_compress_missing)
+  model = dit_convert.load_transformer(tmp_path / "t", config=cfg, allow_missing=kv_compress_missing)
   comp = model.stages[1].attn.compress
   np.testing.assert_array_equal(np.asarray(comp.kernel[...]), 0.25)
   np.testing.assert_array_equal(np.asarray(comp.norm_scale[...]), 1.0)
@@ -158,3 +159,46 @@ def test_convert_cli_pth_to_orbax_to_diffusers(tmp_path):
   want = diffusers_forward(ref, x, t, y, mask)
   for src in ("orbax", "diff", "orbax2"):
     assert rel_err(np.asarray(dit_convert.load_transformer(tmp_path / src)(x, t, y, mask)), want) <= 1e-5, src
+
+
+def test_configs_written_by_older_versions_still_load(tmp_path):
+  """Older versions kept how attention runs in DiTConfig (and wrote it to converted Orbax dirs and workdir
+  config.json files): reading an architecture drops those keys; `attention=` sets how the loaded model runs."""
+  from pixart_jax.convert import orbax_io, ours
+  from pixart_jax.models.attention_backends import AttentionBackend, AttentionOptions
+  from pixart_jax.models.config import DiTConfig, get_preset
+  from pixart_jax.models.dit import PixArtSigma
+
+  legacy = dict(attention="splash", attention_min_seq=0, splash_block_sizes=[128, 128, 128], splash_interpret=None,
+                sequence_parallel=True)
+  cfg = get_preset("tiny", kv_compress_layers=(1,))
+  model = PixArtSigma(cfg, rngs=nnx.Rngs(3))
+  out = orbax_io.save_transformer_orbax(model, tmp_path / "orbax")
+  saved = json.loads((out / orbax_io.CONFIG_FILE).read_text())
+  assert not set(legacy) & set(saved)  # what we write now: the architecture only
+  (out / orbax_io.CONFIG_FILE).write_text(json.dumps({**saved, **legacy}))  # as an older version wrote it
+  assert orbax_io.read_config(out) == cfg and ours.saved_config(out) == cfg  # lists back to tuples, run keys gone
+  x, t, y, mask = _inputs(seed=5, hw=(8, 8), s=16, c=32)
+  want = np.asarray(model(x, t, y, mask))
+  loaded = dit_convert.load_transformer(out)
+  assert loaded.cfg == cfg and loaded.attention == AttentionOptions()
+  np.testing.assert_array_equal(np.asarray(loaded(x, t, y, mask)), want)
+  splash = dit_convert.load_transformer(out, attention="splash")
+  assert splash.attention.backend is AttentionBackend.SPLASH
+  assert splash.stages[0].attn.opts.backend is AttentionBackend.SPLASH
+  # The weak-to-strong path (into a given config) reads the same file.
+  into = dit_convert.load_transformer(out, config=cfg)
+  np.testing.assert_array_equal(np.asarray(into(x, t, y, mask)), want)
+  # A workdir's config.json of an older version: the run keys sat among model.overrides.
+  wd = tmp_path / "workdir"
+  wd.mkdir()
+  overrides = {f: None for f in DiTConfig.__dataclass_fields__} | legacy | {"kv_compress_layers": [1]}
+  (wd / "config.json").write_text(json.dumps({"model": {"preset": "tiny", "overrides": overrides}}))
+  assert ours.saved_config(wd) == cfg
+  # Anything else unknown is still an error naming the key and the file.
+  (out / orbax_io.CONFIG_FILE).write_text(json.dumps({**saved, "depht": 3}))
+  with pytest.raises(ValueError, match=r"unknown DiTConfig fields in pixart_config.json: \['depht'\]"):
+    orbax_io.read_config(out)
+  with pytest.raises(ValueError, match=r"unknown DiTConfig fields in .*config.json model.overrides: \['depht'\]"):
+    (wd / "config.json").write_text(json.dumps({"model": {"preset": "tiny", "overrides": {"depht": 3}}}))
+    ours.saved_config(wd)

@@ -43,3 +43,61 @@ def test_fsdp_forward_equals_unsharded():
   with jax.set_mesh(mesh):
     got = nnx.jit(lambda m, *a: m(*a))(model, x, t, y, mask)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_sharding_follows_the_rules():
+  """One batch placement for every caller: the `batch` rule's mesh axes (size > 1) over the leading dimension; a
+  shape keeps only the axes whose running product divides the batch; inside `shard_map` the manual axes drop out
+  and the enclosing `nnx.logical_axis_rules` apply."""
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  mesh = make_mesh([("data", 2), ("fsdp", 4)])
+  rules = sharding.LOGICAL_RULES
+  assert sharding.batch_spec(mesh, rules, 3) == P(("data", "fsdp"), None, None)
+  assert sharding.batch_spec(mesh, rules, (8, 5)) == P(("data", "fsdp"), None)
+  assert sharding.batch_spec(mesh, rules, (4, 5)) == P("data", None)  # 4 examples do not split 8 ways
+  assert sharding.batch_spec(mesh, rules, (6,)) == P("data")
+  assert sharding.batch_spec(mesh, rules, (3,)) == P(None)
+  assert sharding.batch_shards(mesh, rules) == 8 and sharding.batch_axes(mesh, rules, 4) == ("data",)
+  fsdp_only = tuple(dict(rules, batch="fsdp").items())
+  assert sharding.batch_sharding(mesh, fsdp_only, 2) == NamedSharding(mesh, P("fsdp", None))
+  assert sharding.batch_shards(mesh, fsdp_only) == 4
+  with pytest.raises(ValueError, match="rank >= 1"):
+    sharding.batch_spec(mesh, rules, ())
+
+  seen = {}
+
+  def local(x):
+    seen["default"] = sharding.batch_spec(jax.sharding.get_abstract_mesh(), None, x.shape)
+    with nnx.logical_axis_rules(fsdp_only):
+      seen["fsdp_only"] = sharding.batch_spec(jax.sharding.get_abstract_mesh(), None, x.shape)
+    return x
+
+  with jax.set_mesh(mesh):
+    jax.shard_map(local, mesh=mesh, in_specs=P("data"), out_specs=P("data"), axis_names={"data"})(jnp.zeros((8, 3)))
+  assert seen == {"default": P("fsdp", None), "fsdp_only": P("fsdp", None)}  # `data` is manual in there
+
+
+def test_data_and_encoders_place_batches_by_the_rules():
+  """The data pipeline and the encoders take the rules' batch axes (not a hard-coded data/fsdp pair)."""
+  from pixart_jax.data import pipeline
+  from pixart_jax.data.encoders import PretrainedEncoders
+
+  mesh = make_mesh([("data", 2), ("fsdp", 4)])
+  fsdp_only = tuple(dict(sharding.LOGICAL_RULES, batch="fsdp").items())
+  assert pipeline.checked_batch_sharding(mesh, 4, fsdp_only).spec == jax.sharding.PartitionSpec("fsdp")
+  with pytest.raises(ValueError, match=r"global_batch_size=4 is not divisible by the mesh's batch axes "
+                                       r"\('data', 'fsdp'\) \(size 8\)"):
+    pipeline.checked_batch_sharding(mesh, 4, sharding.LOGICAL_RULES)
+
+  class _Vae:
+    config = type("C", (), dict(latent_channels=4, downsample_factor=8, scaling_factor=0.13))
+
+  class _Text:
+    hidden_size = 8
+
+  enc = PretrainedEncoders(_Text(), _Vae(), mesh=mesh, rules=fsdp_only)
+  assert enc.sharding.spec == jax.sharding.PartitionSpec("fsdp") and enc.batch_multiple == 4
+  enc = PretrainedEncoders(_Text(), _Vae(), mesh=mesh)
+  assert enc.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp")) and enc.batch_multiple == 8

@@ -16,7 +16,8 @@ from pixart_jax import lora
 from pixart_jax.convert.dit import load_transformer
 from pixart_jax.convert.orbax_io import save_transformer_orbax
 from pixart_jax.models.dit import PixArtSigma
-from pixart_jax.train import loop, lora_train
+from pixart_jax.train import loop
+from pixart_jax.train.trainables import lora as lora_train
 from train_testlib import fast_compiles, smoke_config
 
 

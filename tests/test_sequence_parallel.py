@@ -4,7 +4,6 @@ all-gather really carries compressed K/V (bytes read from the compiled HLO); bad
 
 Errors are max |got - want| / max |want| (gradients: see tests/test_attention_backends.py; the same rule).
 """
-import dataclasses
 import functools
 import re
 
@@ -17,13 +16,14 @@ from flax import nnx
 from pixart_jax.models.attention import SelfAttention
 from pixart_jax.models.attention_backends import AttentionBackend, AttentionOptions, SplashBlockSizes
 from pixart_jax.models.config import get_preset
-from pixart_jax.models.dit import abstract_model
+from pixart_jax.models.spec import ModelSpec, abstract
 from pixart_jax.parallel import context
 from pixart_jax.parallel.mesh import make_mesh
 
 TOL = 1e-5
 # Layer 0 attends to all-gathered full K/V, layer 1 to all-gathered 2x2-compressed K/V.
-CFG = get_preset("tiny", hidden_size=48, num_heads=4, depth=2, kv_compress_layers=(1,), sequence_parallel=True)
+CFG = get_preset("tiny", hidden_size=48, num_heads=4, depth=2, kv_compress_layers=(1,))
+SPEC = ModelSpec(CFG, attention=AttentionOptions(sequence_parallel=True))
 LATENTS = {"tall-16x8": (32, 16), "wide-8x24": (16, 48)}  # latent (H, W) -> token grids 16x8 and 8x24
 MESHES = {
     "seq4-data2": [("sequence", 4), ("data", 2)],
@@ -61,7 +61,7 @@ def gathers(hlo: str) -> list[tuple[tuple[int, ...], int, str]]:
 @functools.lru_cache(maxsize=None)
 def _model():
   """Random parameters everywhere (no zero-initialised projections), built from the abstract model (fast)."""
-  graphdef, state = nnx.split(abstract_model(CFG))
+  graphdef, state = nnx.split(abstract(SPEC))
   rng = np.random.default_rng(0)
   flat = nnx.to_flat_state(state)
   for path, v in flat:
@@ -195,5 +195,14 @@ def test_sequence_parallel_with_splash():
 
 
 def test_sequence_parallel_flag_plumbs_from_config():
-  assert dataclasses.replace(AttentionOptions.from_config(CFG)).sequence_parallel
-  assert not AttentionOptions.from_config(get_preset("tiny")).sequence_parallel
+  """config.model.attention.sequence_parallel -> ModelSpec.attention -> the self-attention of every stage."""
+  from pixart_jax.train.loop import model_spec
+  from train_testlib import smoke_config
+
+  spec = model_spec(smoke_config(**{"model.attention.sequence_parallel": True,
+                                    "model.overrides.kv_compress_layers": (1,)}).model)
+  assert spec.attention.sequence_parallel and spec.attention == AttentionOptions(sequence_parallel=True)
+  stages = abstract(spec).stages
+  assert len(stages) == 2 and all(stage.attn.opts.sequence_parallel for stage in stages)
+  assert not any(stage.attn.opts.sequence_parallel for stage in abstract(spec.replace(attention=None)).stages)
+  assert not model_spec(smoke_config().model).attention.sequence_parallel

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from pixart_jax.diffusion.losses import iddpm_loss
 from pixart_jax.diffusion.schedule import DiffusionSchedule
 from pixart_jax.models.config import get_preset
+from pixart_jax.models.spec import ModelSpec
 from pixart_jax.parallel.mesh import make_mesh
 from pixart_jax.train import optimizers as opt
 from pixart_jax.train import state as st
@@ -46,7 +47,7 @@ class Programs:
     self._cache = {}
     tx, _ = self._tx()
     init_key, rng = st.split_key(0)
-    spec = st.ModelSpec(get_preset("tiny"))
+    spec = ModelSpec(get_preset("tiny"))
     self.graphdef, _ = spec.split()
     init = functools.partial(st.init_state, spec=spec, tx=tx, ema=True)
     self.shardings = st.shardings_of(jax.eval_shape(init, init_key, rng), self.mesh)
@@ -65,7 +66,7 @@ class Programs:
     key = (jnp.dtype(dtype).name, accum, dropout)
     if key not in self._cache:
       tx, lr_fn = self._tx()
-      graphdef, _ = st.ModelSpec(get_preset("tiny"), dtype=dtype).split()
+      graphdef, _ = ModelSpec(get_preset("tiny"), dtype=dtype).split()
       step_cfg = stp.StepConfig(class_dropout_prob=dropout, grad_accum=accum, ema_rate=0.9)
       fn = stp.make_train_step(graphdef=graphdef, tx=tx, lr_schedule=lr_fn, cfg=step_cfg)
       bsh = NamedSharding(self.mesh, P("data"))
@@ -79,7 +80,7 @@ class Programs:
     out = []
     with jax.set_mesh(self.mesh):
       for b in batches:
-        state, m = jitted(state, b, null)
+        state, m = jitted(state, b, null, ())
         out.append({k: float(v) for k, v in m.items()})
     return state, out
 
@@ -212,7 +213,7 @@ def test_optimizer_config_errors_name_the_problem():
 
 def test_train_state_shardings_follow_the_parameters():
   """FSDP on 8 devices: optimizer moments, CAME's factored statistics and the EMA take their parameter's axes."""
-  spec = st.ModelSpec(get_preset("tiny", hidden_size=64, num_heads=4))
+  spec = ModelSpec(get_preset("tiny", hidden_size=64, num_heads=4))
   tx, _ = opt.make_optimizer(opt.OptimizerConfig(), 8)
   init = functools.partial(st.init_state, spec=spec, tx=tx, ema=True)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)

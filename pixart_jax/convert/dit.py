@@ -7,6 +7,7 @@ abstractly and filled tensor by tensor).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -19,13 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixart_jax.convert import dit_keys
-from pixart_jax.convert.hub import resolve_local
+from pixart_jax.convert import dit_keys, orbax_io, ours
+from pixart_jax.convert.hub import component_dir, resolve_local
 from pixart_jax.convert.sources import open_tensors
-from pixart_jax.convert.strict import flat_targets, load_strict, unflatten_into
-from pixart_jax.models.config import PRESETS, DiTConfig
+from pixart_jax.convert.strict import WeightLoadError, load_into
+from pixart_jax.models.attention_backends import AttentionOptions
+from pixart_jax.models.config import PRESETS, DiTConfig, get_preset
 from pixart_jax.models.dit import PixArtSigma
-from pixart_jax.parallel.sharding import LOGICAL_RULES, state_shardings
+from pixart_jax.models.spec import ModelSpec, abstract
+from pixart_jax.parallel.sharding import LOGICAL_RULES
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +110,6 @@ def config_to_diffusers(cfg: DiTConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
-def _find_transformer_dir(path: pathlib.Path) -> pathlib.Path:
-  if (path / "transformer" / "config.json").exists():
-    return path / "transformer"
-  if (path / "config.json").exists():
-    return path
-  raise FileNotFoundError(f"{path} holds neither a transformer config.json nor a transformer/ subfolder")
-
-
 def _preset_from_filename(name: str) -> DiTConfig | None:
   for pat, preset in _OFFICIAL_NAMES.items():
     if re.search(pat, name, re.IGNORECASE):
@@ -122,40 +117,33 @@ def _preset_from_filename(name: str) -> DiTConfig | None:
   return None
 
 
-def build_model(cfg: DiTConfig, flat: dict[tuple, jax.Array], *, dtype=jnp.float32, param_dtype=jnp.float32,
-                remat: str = "none", scan: bool = True) -> PixArtSigma:
-  """Merges loaded arrays into a model built abstractly (no random init, no second copy)."""
-  abstract = nnx.eval_shape(lambda: PixArtSigma(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan,
-                                                rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  unflatten_into(state, flat)
-  return nnx.merge(graphdef, state)
-
-
 def load_transformer(src: str | os.PathLike, *, config: DiTConfig | str | None = None, dtype=jnp.float32,
                      param_dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, rules=LOGICAL_RULES,
-                     remat: str = "none", scan: bool = True, allow_missing=None,
-                     progress: bool = False) -> PixArtSigma:
+                     remat: str = "none", scan: bool = True, attention: AttentionOptions | str | None = None,
+                     allow_missing=None, progress: bool = False) -> PixArtSigma:
   """Loads PixArt-Sigma weights into our NNX model.
 
   src: diffusers `transformer/` dir, a pipeline dir, an official `.pth`, an Orbax dir written by
     `python -m pixart_jax.convert`, a training workdir of ours (newest checkpoint, EMA if kept), or a Hub id.
     Our own checkpoints load into `config` (when given) by the weak-to-strong rules of `convert.ours`.
   config: DiTConfig or preset name; required for a `.pth` whose file name does not identify the checkpoint.
+  dtype / param_dtype / remat / scan / attention: how the model runs (`models.spec.ModelSpec`); attention is an
+    `AttentionOptions`, a backend name ("xla", "splash", "cudnn") or None (xla).
   mesh: when given, parameters are placed directly into their shardings (`rules` maps logical axes).
   allow_missing: documented non-strict rule for weak-to-strong loading, e.g. new KV-compression layers
-    (`lambda path: "compress" in path`) which then keep their average init.
+    (`convert.ours.kv_compress_missing`) which then take their average init.
   """
   if isinstance(config, str):
-    config = PRESETS[config]
-  from pixart_jax.convert import orbax_io, ours
+    config = get_preset(config)
+
+  def spec(cfg: DiTConfig) -> ModelSpec:
+    return ModelSpec(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan, attention=attention)
 
   if orbax_io.is_orbax_dir(src) and config is None:
     return orbax_io.load_transformer_orbax(src, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules,
-                                           remat=remat, scan=scan)
+                                           remat=remat, scan=scan, attention=attention)
   if ours.is_ours(src):  # a training workdir, or an Orbax dir loaded into a (new) config: weak-to-strong rules
-    return _load_ours(src, config or ours.saved_config(src), dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                      rules=rules, remat=remat, scan=scan, progress=progress)
+    return ours.load_ours(src, spec(config or ours.saved_config(src)), mesh=mesh, rules=rules, progress=progress)
   local = resolve_local(src, allow_patterns=["transformer/*", "*.json", "*.safetensors", "*.pth"])
   if local.is_file() and local.suffix in _TORCH_SUFFIXES:
     cfg = config or _preset_from_filename(local.name)
@@ -165,7 +153,7 @@ def load_transformer(src: str | os.PathLike, *, config: DiTConfig | str | None =
     source = open_tensors(local)
     keymap, drop = dit_keys.official_keymap(cfg), dit_keys.official_drop
   else:
-    tdir = _find_transformer_dir(local) if local.is_dir() else local.parent
+    tdir = component_dir(local, "transformer", "transformer") if local.is_dir() else local.parent
     source = open_tensors(tdir)
     with open(tdir / "config.json") as f:
       raw = json.load(f)
@@ -173,41 +161,10 @@ def load_transformer(src: str | os.PathLike, *, config: DiTConfig | str | None =
     cfg = config or config_from_diffusers(raw, has_micro_keys=has_micro)
     keymap, drop = dit_keys.diffusers_keymap(cfg), (lambda k: False)
   with source:
-    graphdef, state, targets, shardings = _abstract_targets(cfg, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                                                            rules=rules, remat=remat, scan=scan)
-    _check_expected_keys(cfg, source.keys(), official=keymap is not None and drop is dit_keys.official_drop,
-                         allow_missing=allow_missing)
-    flat = load_strict(targets, source, keymap, drop=drop, shardings=shardings,
-                       allow_missing=allow_missing or (lambda p: False), progress=progress)
-  for p in [p for p in targets if p not in flat]:  # only reachable through allow_missing
-    flat[p] = _weak_to_strong_init(cfg, p, targets[p])
-  unflatten_into(state, flat)
-  return nnx.merge(graphdef, state)
-
-
-def _abstract_targets(cfg: DiTConfig, *, dtype, param_dtype, mesh, rules, remat, scan):
-  """(graphdef, abstract state, {path: abstract leaf}, {path: sharding} or None) of the model to load into."""
-  abstract = nnx.eval_shape(lambda: PixArtSigma(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan,
-                                                rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  shardings = None
-  if mesh is not None:
-    shardings = {tuple(p): s for p, s in nnx.to_flat_state(state_shardings(state, mesh, rules))}
-  return graphdef, state, flat_targets(state), shardings
-
-
-def _load_ours(src, cfg: DiTConfig, *, dtype, param_dtype, mesh, rules, remat, scan, progress) -> PixArtSigma:
-  """Our checkpoint (workdir / Orbax dir) into a model of config `cfg` (`convert.ours`, weak-to-strong rules)."""
-  from pixart_jax.convert import ours
-
-  graphdef, state, targets, shardings = _abstract_targets(cfg, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                                                          rules=rules, remat=remat, scan=scan)
-  flat = ours.load_ours(src, cfg, targets, shardings=shardings, progress=progress)
-  for p in [p for p in targets if p not in flat]:  # only the KV-compression parameters (allow_missing)
-    arr = _weak_to_strong_init(cfg, p, targets[p])
-    flat[p] = jax.device_put(arr, shardings[p]) if shardings else arr
-  unflatten_into(state, flat)
-  return nnx.merge(graphdef, state)
+    _check_expected_keys(cfg, source.keys(), official=drop is dit_keys.official_drop, allow_missing=allow_missing)
+    return load_into(abstract(spec(cfg)), source, keymap, drop=drop, mesh=mesh, rules=rules,
+                     allow_missing=allow_missing, init_missing=functools.partial(ours.weak_to_strong_init, cfg),
+                     progress=progress)
 
 
 def _check_expected_keys(cfg: DiTConfig, keys, *, official: bool, allow_missing) -> None:
@@ -218,28 +175,9 @@ def _check_expected_keys(cfg: DiTConfig, keys, *, official: bool, allow_missing)
     have = {d for k in keys for d, _ in (dit_keys.official_to_diffusers(k) or [])}
   missing = [e.key for e in table if e.key not in have and not (allow_missing and allow_missing(e.path))]
   if missing:
-    from pixart_jax.convert.strict import WeightLoadError
-
     layout = "official (converted to diffusers names)" if official else "diffusers"
     raise WeightLoadError(f"checkpoint lacks {len(missing)} keys this {layout} model needs:\n  " +
                           "\n  ".join(sorted(missing)), missing=sorted(missing))
-
-
-def kv_compress_missing(path: tuple) -> bool:
-  """allow_missing rule for loading an uncompressed checkpoint into a KV-compressed model."""
-  return "compress" in path
-
-
-def _weak_to_strong_init(cfg: DiTConfig, path: tuple, struct: jax.ShapeDtypeStruct) -> jax.Array:
-  """Init values of parameters that may be absent from a weaker checkpoint (documented non-strict rules).
-
-  Only the KV-compression parameters qualify: conv = exact R x R average (1/R^2), bias 0, LayerNorm (1, 0).
-  """
-  if "compress" not in path:
-    raise ValueError(f"{'.'.join(map(str, path))} is missing from the checkpoint and has no weak-to-strong init")
-  name = path[-1]
-  value = {"kernel": 1.0 / cfg.kv_compress_ratio**2, "bias": 0.0, "norm_scale": 1.0, "norm_bias": 0.0}[name]
-  return jnp.full(struct.shape, value, struct.dtype)
 
 
 def flat_targets_values(state) -> list[tuple[tuple, jax.Array]]:

@@ -11,7 +11,7 @@ import pathlib
 import re
 from typing import Sequence
 
-__all__ = ["resolve_local", "parse_hub_id"]
+__all__ = ["resolve_local", "parse_hub_id", "component_dir"]
 
 _PART = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9_])?"  # huggingface_hub's repo-id characters
 _HUB_ID = re.compile(rf"(?P<repo>{_PART}/{_PART})(?:@(?P<rev>[\w.-]+))?(?:/(?P<sub>[\w.-]+(?:/[\w.-]+)*))?")
@@ -60,3 +60,14 @@ def resolve_local(src: str | os.PathLike, *, allow_patterns: Sequence[str] | Non
   if not path.exists():
     raise FileNotFoundError(f"{text!r}: Hub repo {repo_id!r} has no folder {sub!r} (downloaded to {root})")
   return path
+
+
+def component_dir(path: str | os.PathLike, component: str, what: str) -> pathlib.Path:
+  """The directory holding a pipeline component's config.json: `path/<component>` for a pipeline dir, else `path`
+  itself (a component dir). Raises FileNotFoundError naming `path` and what it lacks (`what`: "T5", "VAE", ...)."""
+  path = pathlib.Path(path)
+  if (path / component / "config.json").is_file():
+    return path / component
+  if (path / "config.json").is_file():
+    return path
+  raise FileNotFoundError(f"{path} holds neither a {what} config.json nor a {component}/ subfolder with one")

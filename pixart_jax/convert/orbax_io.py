@@ -13,11 +13,12 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from flax import nnx
 
+from pixart_jax.models.attention_backends import AttentionOptions
 from pixart_jax.models.config import DiTConfig
 from pixart_jax.models.dit import PixArtSigma
+from pixart_jax.models.spec import ModelSpec, abstract
 from pixart_jax.parallel.sharding import LOGICAL_RULES, state_shardings
 
 CONFIG_FILE = "pixart_config.json"
@@ -33,17 +34,19 @@ def config_to_json(cfg: DiTConfig) -> dict:
 
 
 def config_from_json(d: dict) -> DiTConfig:
-  fields = {f.name for f in dataclasses.fields(DiTConfig)}
-  unknown = sorted(set(d) - fields)
-  if unknown:
-    raise ValueError(f"unknown DiTConfig fields in {CONFIG_FILE}: {unknown}")
-  d = dict(d)
-  d["kv_compress_layers"] = tuple(d.get("kv_compress_layers", ()))
-  return DiTConfig(**d)
+  """The architecture of a `pixart_config.json` (keys of older versions' run settings are dropped)."""
+  return DiTConfig.from_dict(d, what=CONFIG_FILE)
+
+
+def read_config(path: str | os.PathLike) -> DiTConfig:
+  """The DiTConfig of a converted directory."""
+  return config_from_json(json.loads((pathlib.Path(path) / CONFIG_FILE).read_text()))
 
 
 def save_transformer_orbax(model: PixArtSigma, out_dir: str | os.PathLike) -> pathlib.Path:
   """Writes the model's parameters and config; returns the directory."""
+  import orbax.checkpoint as ocp  # imported on use: `import pixart_jax` stays light
+
   out = pathlib.Path(out_dir).absolute()
   out.mkdir(parents=True, exist_ok=True)
   ckptr = ocp.StandardCheckpointer()
@@ -56,13 +59,14 @@ def save_transformer_orbax(model: PixArtSigma, out_dir: str | os.PathLike) -> pa
 
 def load_transformer_orbax(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
                            mesh: jax.sharding.Mesh | None = None, rules=LOGICAL_RULES, remat: str = "none",
-                           scan: bool = True) -> PixArtSigma:
+                           scan: bool = True, attention: AttentionOptions | str | None = None) -> PixArtSigma:
   """Restores a converted model; with `mesh`, every array is read directly into its sharding."""
+  import orbax.checkpoint as ocp
+
   path = pathlib.Path(path).absolute()
-  cfg = config_from_json(json.loads((path / CONFIG_FILE).read_text()))
-  abstract = nnx.eval_shape(lambda: PixArtSigma(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan,
-                                                rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  spec = ModelSpec(read_config(path), dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan,
+                   attention=attention)
+  graphdef, params, rest = nnx.split(abstract(spec), nnx.Param, ...)
   if mesh is not None:
     shardings = state_shardings(params, mesh, rules)
   else:

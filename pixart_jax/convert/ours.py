@@ -4,8 +4,8 @@ Both are read as a flat tensor source keyed by our parameter paths ("blocks.attn
 `load_strict` through an identity key map into a model of a (possibly NEW) config, with the documented
 weak-to-strong rules (spec 4.9):
   * PE interpolation / sample size changes: config only (the position embedding is recomputed, never stored);
-  * new KV-compression parameters absent from the checkpoint: their average init (`dit._weak_to_strong_init`,
-    conv 1/R^2, bias 0, LayerNorm (1, 0)), allowed by `dit.kv_compress_missing`;
+  * new KV-compression parameters absent from the checkpoint: their average init (`weak_to_strong_init`,
+    conv 1/R^2, bias 0, LayerNorm (1, 0)), allowed by `kv_compress_missing`;
   * micro-condition embedders (PixArt-alpha csize/ar) in the checkpoint but not in the new model: dropped.
 Anything else that does not fit (other depth/width, missing blocks) is a `WeightLoadError` naming the keys.
 
@@ -14,15 +14,23 @@ weights to continue from), else `state.params`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from flax import nnx
 
+from pixart_jax.convert import orbax_io
 from pixart_jax.convert.sources import DictSource
-from pixart_jax.convert.strict import Put
+from pixart_jax.convert.strict import Put, flat_targets, load_into
+from pixart_jax.models.config import DiTConfig, from_preset
+from pixart_jax.models.spec import ModelSpec, abstract
+from pixart_jax.parallel.sharding import LOGICAL_RULES
 
 MICRO_PREFIX = "micro"
 
@@ -57,7 +65,6 @@ def _flatten(tree, prefix=()) -> dict[str, np.ndarray]:
 
 def _restore_tree(path):
   """The whole array tree of an Orbax item onto this process's first device (any saving topology)."""
-  import jax
   import orbax.checkpoint as ocp
 
   ckptr = ocp.StandardCheckpointer()
@@ -101,15 +108,11 @@ def open_orbax(path: str | os.PathLike) -> DictSource:
 
 
 def is_ours(src) -> bool:
-  from pixart_jax.convert import orbax_io
-
   return is_workdir(src) or orbax_io.is_orbax_dir(src)
 
 
 def open_ours(src: str | os.PathLike) -> DictSource:
   """The checkpoint as a per-layer flat source (`unstack_layers` keys)."""
-  from pixart_jax.convert import orbax_io
-
   if is_workdir(src) or orbax_io.is_orbax_dir(src):
     raw = open_workdir(src) if is_workdir(src) else open_orbax(src)
     return DictSource(unstack_layers(raw._t, saved_config(src)), name=raw.name)
@@ -117,23 +120,16 @@ def open_ours(src: str | os.PathLike) -> DictSource:
                           f"({orbax_io.CONFIG_FILE} + params/)")
 
 
-def saved_config(src: str | os.PathLike):
+def saved_config(src: str | os.PathLike) -> DiTConfig:
   """The DiTConfig the checkpoint was written with (workdir: config.json's model; Orbax: pixart_config.json)."""
-  from pixart_jax.convert import orbax_io
-
   p = _path(src)
   if orbax_io.is_orbax_dir(src):
-    return orbax_io.config_from_json(json.loads((p / orbax_io.CONFIG_FILE).read_text()))
+    return orbax_io.read_config(p)
   cfg_file = p / "config.json"
   if not cfg_file.exists():
     raise FileNotFoundError(f"workdir {p} has no config.json: pass the model config explicitly")
-  from pixart_jax.models.config import get_preset
-
   model = json.loads(cfg_file.read_text())["model"]
-  overrides = {k: v for k, v in model["overrides"].items() if v is not None}
-  if "kv_compress_layers" in overrides:
-    overrides["kv_compress_layers"] = tuple(int(i) for i in overrides["kv_compress_layers"])
-  return get_preset(model["preset"], **overrides)
+  return from_preset(model["preset"], model["overrides"], what=f"{cfg_file} model.overrides")
 
 
 def unstack_layers(flat: dict[str, np.ndarray], cfg) -> dict[str, np.ndarray]:
@@ -176,15 +172,32 @@ def layer_keymap(targets, cfg):
   return keymap
 
 
-def load_ours(src, cfg, targets, *, shardings=None, progress: bool = False) -> dict:
-  """`{path: array}` for `targets` (model of config `cfg`) from our checkpoint `src`, by the weak-to-strong rules
-  (new KV-compression parameters are left out of the result: the caller gives them their init)."""
-  from pixart_jax.convert.dit import kv_compress_missing
-  from pixart_jax.convert.strict import load_strict
-
+def load_ours(src, spec: ModelSpec, *, mesh=None, rules=LOGICAL_RULES, progress: bool = False):
+  """Our checkpoint `src` (workdir / Orbax dir) into a model of `spec` (its config may differ from the saved one),
+  by the weak-to-strong rules: new KV-compression parameters take their average init."""
+  model = abstract(spec)
+  targets = flat_targets(nnx.state(model))
   with open_ours(src) as source:
-    return load_strict(targets, source, layer_keymap(targets, cfg), drop=drop_rule(targets), shardings=shardings,
-                       allow_missing=kv_compress_missing, progress=progress)
+    return load_into(model, source, layer_keymap(targets, spec.cfg), drop=drop_rule(targets), mesh=mesh,
+                     rules=rules, allow_missing=kv_compress_missing,
+                     init_missing=functools.partial(weak_to_strong_init, spec.cfg), progress=progress)
+
+
+def kv_compress_missing(path: tuple) -> bool:
+  """allow_missing rule for loading an uncompressed checkpoint into a KV-compressed model."""
+  return "compress" in path
+
+
+def weak_to_strong_init(cfg: DiTConfig, path: tuple, struct: jax.ShapeDtypeStruct) -> jax.Array:
+  """Init values of parameters that may be absent from a weaker checkpoint (documented non-strict rules).
+
+  Only the KV-compression parameters qualify: conv = exact R x R average (1/R^2), bias 0, LayerNorm (1, 0).
+  """
+  if "compress" not in path:
+    raise ValueError(f"{'.'.join(map(str, path))} is missing from the checkpoint and has no weak-to-strong init")
+  name = path[-1]
+  value = {"kernel": 1.0 / cfg.kv_compress_ratio**2, "bias": 0.0, "norm_scale": 1.0, "norm_bias": 0.0}[name]
+  return jnp.full(struct.shape, value, struct.dtype)
 
 
 def drop_rule(targets):

@@ -2,7 +2,9 @@
 
 Each model owns a pure key map `source_key -> [Put, ...] | None`. `load_strict` walks the source once:
 every source key must be mapped or dropped, every target completely filled (all layers of a stacked one),
-every shape right; all problems are collected and raised as ONE `WeightLoadError`.
+every shape right; all problems are collected and raised as ONE `WeightLoadError`. `load_into` is what a loader
+calls: it fills an abstract module (`nnx.eval_shape`, e.g. `models.spec.abstract`) and returns the concrete one,
+each array placed straight into its sharding on a mesh.
 
 Memory: at any time only the partially filled target buffers plus one source tensor live on the host; a
 target is moved to the device (`jax.device_put`) and its host buffer freed as soon as it is complete, so peak
@@ -10,9 +12,8 @@ host RAM stays near 1x (at most ~2x) the size of the converted weights. Host buf
 so on the CPU backend the device_put adopts them without a copy. `source.get` must return a fresh array
 (every TensorSource here does): it may become the returned jax.Array's memory.
 
-    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Model(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
-    flat = load_strict(flat_targets(params), open_tensors(path), keymap, drop=lambda k: k == "pos_embed")
-    model = nnx.merge(graphdef, unflatten_into(params, flat), rest)
+    with open_tensors(path) as source:
+      model = load_into(nnx.eval_shape(lambda: Model(cfg, rngs=nnx.Rngs(0))), source, keymap, mesh=mesh)
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ import numpy as np
 from flax import nnx
 
 from pixart_jax.convert.sources import TensorSource, empty_aligned
+from pixart_jax.parallel.sharding import LOGICAL_RULES, Rules, state_shardings
 
-__all__ = ["Put", "KeyMap", "WeightLoadError", "load_strict", "flat_targets", "flat_shardings", "unflatten_into"]
+__all__ = ["Put", "KeyMap", "WeightLoadError", "load_into", "load_strict", "flat_targets", "unflatten_into"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,12 +257,6 @@ def flat_targets(abstract_state: Any) -> dict[tuple, jax.ShapeDtypeStruct]:
   return out
 
 
-def flat_shardings(shardings: Any) -> dict[tuple, jax.sharding.Sharding]:
-  """`{path: Sharding}` from a State/pytree of shardings (e.g. `sharding.state_shardings(params, mesh)`),
-  for `load_strict(..., shardings=...)`."""
-  return {path: s for path, s in _flat(shardings)}
-
-
 def unflatten_into(state: Any, flat: Mapping[tuple, Any], *, allow_abstract: bool = False):
   """Writes `flat` (`{path: array}`, e.g. from `load_strict`) into the nnx `state`, in place; returns it.
 
@@ -295,3 +291,37 @@ def unflatten_into(state: Any, flat: Mapping[tuple, Any], *, allow_abstract: boo
     if left:
       raise ValueError(f"state leaves still abstract after writing (not in `flat`): {left}")
   return state
+
+
+def _never(_) -> bool:
+  return False
+
+
+def load_into(abstract_module: nnx.Module, source: TensorSource, keymap: KeyMap, *,
+              drop: Callable[[str], bool] = _never, mesh: jax.sharding.Mesh | None = None,
+              rules: Rules = LOGICAL_RULES, allow_missing: Callable[[tuple], bool] | None = None,
+              init_missing: Callable[[tuple, jax.ShapeDtypeStruct], Any] | None = None,
+              progress: bool = False) -> nnx.Module:
+  """`abstract_module` (ShapeDtypeStruct leaves, from `nnx.eval_shape`) filled from `source` through `keymap` by
+  `load_strict`: the concrete module, no random init and no second copy of the weights.
+
+  drop: source keys consumed without being written. mesh: every array goes straight into the sharding its
+    Variable's logical names get from `rules`; None: the default device.
+  allow_missing: target paths the source may lack (documented non-strict rules, e.g. new KV-compression layers);
+    `init_missing(path, struct)` gives their values (required with allow_missing).
+  Raises WeightLoadError (see `load_strict`).
+  """
+  if allow_missing is not None and init_missing is None:
+    raise ValueError("load_into: allow_missing needs init_missing (the values of the targets left unfilled)")
+  graphdef, state = nnx.split(abstract_module)
+  targets = flat_targets(state)
+  shardings = None
+  if mesh is not None:
+    shardings = {tuple(p): s for p, s in nnx.to_flat_state(state_shardings(state, mesh, rules))}
+  flat = load_strict(targets, source, keymap, drop=drop, shardings=shardings, allow_missing=allow_missing or _never,
+                     progress=progress)
+  for path in [p for p in targets if p not in flat]:  # only reachable through allow_missing
+    value = init_missing(path, targets[path])
+    flat[path] = jax.device_put(value, shardings[path]) if shardings else value
+  unflatten_into(state, flat)
+  return nnx.merge(graphdef, state)

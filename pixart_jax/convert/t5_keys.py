@@ -31,11 +31,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixart_jax.convert.hub import resolve_local
+from pixart_jax.convert.hub import component_dir, resolve_local
 from pixart_jax.convert.sources import open_tensors
-from pixart_jax.convert.strict import Put, flat_targets, load_strict, unflatten_into
+from pixart_jax.convert.strict import Put, load_into
 from pixart_jax.models.t5 import T5Config, T5Encoder
-from pixart_jax.parallel.sharding import LOGICAL_RULES, Rules, state_shardings
+from pixart_jax.parallel.sharding import LOGICAL_RULES, Rules
 
 __all__ = ["t5_keymap", "t5_drop", "load_t5", "abstract_t5", "find_text_encoder_dir", "read_t5_config"]
 
@@ -98,11 +98,7 @@ def t5_drop(source_keys: Iterable[str]) -> Callable[[str], bool]:
 
 def find_text_encoder_dir(path: pathlib.Path) -> pathlib.Path:
   """`path/text_encoder` for a pipeline dir, else `path` itself if it holds a config.json."""
-  if (path / "text_encoder" / "config.json").exists():
-    return path / "text_encoder"
-  if (path / "config.json").exists():
-    return path
-  raise FileNotFoundError(f"{path} holds neither a T5 config.json nor a text_encoder/ subfolder")
+  return component_dir(path, "text_encoder", "T5")
 
 
 def read_t5_config(text_encoder_dir: str | os.PathLike) -> T5Config:
@@ -142,14 +138,6 @@ def load_t5(src: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
   tdir = find_text_encoder_dir(local if local.is_dir() else local.parent)
   cfg = config or read_t5_config(tdir)
   abstract = abstract_t5(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
-  graphdef, state = nnx.split(abstract)
-  targets = flat_targets(state)
-  shardings = None
-  if mesh is not None:
-    sh = state_shardings(state, mesh, LOGICAL_RULES if rules is None else rules)
-    shardings = {tuple(p): s for p, s in nnx.to_flat_state(sh)}
   with open_tensors(tdir) as source:
-    flat = load_strict(targets, source, t5_keymap, drop=t5_drop(source.keys()), shardings=shardings,
-                       progress=progress)
-  unflatten_into(state, flat)
-  return nnx.merge(graphdef, state)
+    return load_into(abstract, source, t5_keymap, drop=t5_drop(source.keys()), mesh=mesh,
+                     rules=LOGICAL_RULES if rules is None else rules, progress=progress)

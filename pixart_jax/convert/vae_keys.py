@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixart_jax.convert.hub import resolve_local
+from pixart_jax.convert.hub import component_dir, resolve_local
 from pixart_jax.convert.sources import open_tensors
-from pixart_jax.convert.strict import Put, flat_targets, load_strict, unflatten_into
+from pixart_jax.convert.strict import Put, load_into
 from pixart_jax.models.vae import AutoencoderKL, VAEConfig
-from pixart_jax.parallel.sharding import LOGICAL_RULES, state_shardings
+from pixart_jax.parallel.sharding import LOGICAL_RULES
 
 __all__ = ["vae_keymap", "load_vae", "find_vae_dir"]
 
@@ -88,11 +88,7 @@ def vae_keymap(key: str) -> list[Put] | None:
 
 def find_vae_dir(path: pathlib.Path) -> pathlib.Path:
   """A pipeline dir (with `vae/`) or a vae dir -> the dir holding the VAE's config.json."""
-  if (path / "vae" / "config.json").is_file():
-    return path / "vae"
-  if (path / "config.json").is_file():
-    return path
-  raise FileNotFoundError(f"{path} holds neither a VAE config.json nor a vae/ subfolder with one")
+  return component_dir(path, "vae", "VAE")
 
 
 def _weights_path(vae_dir: pathlib.Path) -> pathlib.Path:
@@ -122,11 +118,5 @@ def load_vae(src: str | os.PathLike, *, config: VAEConfig | None = None, dtype=j
     with open(vae_dir / "config.json") as f:
       config = VAEConfig.from_hf_config(json.load(f))
   abstract = nnx.eval_shape(lambda: AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  shardings = None
-  if mesh is not None:
-    shardings = dict(nnx.to_flat_state(state_shardings(state, mesh, rules)))
   with open_tensors(_weights_path(vae_dir)) as source:
-    flat = load_strict(flat_targets(state), source, vae_keymap, shardings=shardings, progress=progress)
-  unflatten_into(state, flat)
-  return nnx.merge(graphdef, state)
+    return load_into(abstract, source, vae_keymap, mesh=mesh, rules=rules, progress=progress)

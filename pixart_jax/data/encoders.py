@@ -11,18 +11,17 @@
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Protocol, Sequence
 
 import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pixart_jax.models.text_encoder import MAX_LENGTH, TextEncoder
 from pixart_jax.models.vae import AutoencoderKL
 from pixart_jax.parallel.mesh import make_mesh
+from pixart_jax.parallel.sharding import LOGICAL_RULES, Rules, batch_shards, batch_sharding
 
 LOGVAR_MIN = -30.0  # the posterior clamp (diffusers DiagonalGaussianDistribution)
 
@@ -48,12 +47,6 @@ def local_mesh() -> jax.sharding.Mesh:
   return make_mesh((("data", -1),), devices=jax.local_devices())
 
 
-def _batch_sharding(mesh: jax.sharding.Mesh) -> tuple[NamedSharding, int]:
-  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
-  n = math.prod(mesh.shape[a] for a in axes)
-  return NamedSharding(mesh, P(axes or None)), n
-
-
 def _pad_rows(a: np.ndarray, multiple: int) -> np.ndarray:
   extra = (-a.shape[0]) % multiple
   if not extra:
@@ -70,14 +63,15 @@ class PretrainedEncoders:
 
   def __init__(self, text_encoder: TextEncoder, vae: AutoencoderKL, *,
                mesh: jax.sharding.Mesh | None = None, encoder_id: str = "custom",
-               max_length: int = MAX_LENGTH):
+               max_length: int = MAX_LENGTH, rules: Rules = LOGICAL_RULES):
     self.text = text_encoder
     self.vae = vae
     self.mesh = local_mesh() if mesh is None else mesh
     if any(d.process_index != jax.process_index() for d in self.mesh.devices.flat):
       raise ValueError("PretrainedEncoders needs a mesh of this process's devices only "
                        "(each host encodes its own items); pass mesh=None for all local devices")
-    self.sharding, self.batch_multiple = _batch_sharding(self.mesh)
+    self.sharding = batch_sharding(self.mesh, rules, 1)  # batches are padded to a multiple of the shards
+    self.batch_multiple = batch_shards(self.mesh, rules)
     self.max_length = max_length
     self.text_dim = int(text_encoder.hidden_size)
     self.latent_channels = int(vae.config.latent_channels)

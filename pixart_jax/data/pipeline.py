@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any, Mapping
 
@@ -34,11 +33,11 @@ import grain
 import jax
 import ml_dtypes
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from pixart_jax.data.prepare_lib import MANIFEST, MANIFEST_FORMAT
 from pixart_jax.data.records import deserialize_record, read_shard_index
-from pixart_jax.parallel.sharding import LOGICAL_RULES, Rules
+from pixart_jax.parallel.sharding import LOGICAL_RULES, Rules, batch_axes, batch_shards, batch_sharding
 
 INFINITE_STEPS = 2 ** 62
 BATCH_KEYS = ("latents", "caption", "mask", "index")
@@ -190,17 +189,14 @@ class LoadBatch:
             "bucket": self.keys[b], "step": np.int64(step)}
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, global_batch_size: int,
-                   rules: Rules = LOGICAL_RULES) -> NamedSharding:
-  """Leading (batch) dim over the mesh axes of the logical `batch` rule; checks divisibility."""
-  axes = dict(rules).get("batch") or ()
-  axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes)
-               if a in mesh.shape and mesh.shape[a] > 1)
-  n = math.prod(mesh.shape[a] for a in axes)
+def checked_batch_sharding(mesh: jax.sharding.Mesh, global_batch_size: int,
+                           rules: Rules = LOGICAL_RULES) -> NamedSharding:
+  """`parallel.sharding.batch_sharding` of every batch array; the global batch must split evenly over it."""
+  n = batch_shards(mesh, rules)
   if global_batch_size % n:
     raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the mesh's batch "
-                     f"axes {axes} (size {n})")
-  return NamedSharding(mesh, P(axes or None))
+                     f"axes {batch_axes(mesh, rules)} (size {n})")
+  return batch_sharding(mesh, rules, 1)
 
 
 def host_rows(sharding: NamedSharding | None, global_batch_size: int) -> np.ndarray:
@@ -224,7 +220,7 @@ def abstract_batches(manifest: Mapping | str | os.PathLike, global_batch_size: i
   ShapeDtypeStructs (with the batch sharding when `mesh` is given), for AOT compilation."""
   if not isinstance(manifest, Mapping):
     manifest = load_manifest(manifest)
-  sh = None if mesh is None else batch_sharding(mesh, global_batch_size, rules)
+  sh = None if mesh is None else checked_batch_sharding(mesh, global_batch_size, rules)
   s, d = int(manifest["caption_max_length"]), int(manifest["encoders"]["text_dim"])
   out = {}
   for key, b in manifest["buckets"].items():
@@ -314,7 +310,7 @@ def make_train_iterator(data_dir: str | os.PathLike, *, global_batch_size: int,
     raise ValueError(f"workers must be >= 0, got {workers}")
   index = load_index(data_dir)
   schedule = BucketSchedule(index.members, global_batch_size, seed)
-  sharding = None if mesh is None else batch_sharding(mesh, global_batch_size, rules)
+  sharding = None if mesh is None else checked_batch_sharding(mesh, global_batch_size, rules)
   rows = host_rows(sharding, global_batch_size)
   load = LoadBatch(index, schedule, rows, caption_ratio=caption_ratio, caption_dtype=caption_dtype)
   steps = INFINITE_STEPS if num_epochs is None else num_epochs * schedule.steps_per_epoch

@@ -4,7 +4,7 @@ Axis legend: B batch, L query tokens, M key/value tokens, N heads, K head dim.
 
 `attend` is what the attention modules call: it picks the backend from `AttentionOptions` (falling back to
 `xla` below `min_seq` key/value tokens), and under an active mesh (`jax.set_mesh`) wraps the splash kernel in
-`jax.shard_map` (batch over the `batch` rule's axes, heads over `tensor`, query tokens over `sequence`).
+`jax.shard_map` (batch by `parallel.sharding.batch_spec`, heads over `tensor`, query tokens over `sequence`).
 `attend_local` is the same computation on per-device blocks, for callers already inside a `shard_map`
 (`pixart_jax.parallel.context`).
 
@@ -19,35 +19,26 @@ captions always keep at least the EOS token, so this never arises in the model.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
+from typing import Mapping
 
 import einops
 import jax
 import jax.numpy as jnp
-from flax.core import spmd
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import AxisType, PartitionSpec as P
 
-from pixart_jax.parallel.sharding import LOGICAL_RULES
+from pixart_jax.enums import ParsedEnum
+from pixart_jax.parallel.sharding import batch_spec, dim_spec
 
 _MASK_VALUE = -1e30
 _LANES = 128
 
 
-class AttentionBackend(enum.Enum):
+class AttentionBackend(ParsedEnum, what="attention backend"):
   XLA = "xla"
   SPLASH = "splash"
   CUDNN = "cudnn"
-
-  @classmethod
-  def parse(cls, name: "str | AttentionBackend") -> "AttentionBackend":
-    if isinstance(name, cls):
-      return name
-    try:
-      return cls(str(name).lower())
-    except ValueError:
-      raise ValueError(f"unknown attention backend {name!r}; use one of {[b.value for b in cls]}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,20 +61,54 @@ class SplashBlockSizes:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionOptions:
-  """How attention runs (not what it computes). interpret=None: Pallas interpret mode iff not on a TPU."""
+  """How attention runs (never what it computes, never the parameters); the one value that carries it, from the
+  experiment config (`config.model.attention`) through `models.spec.ModelSpec` to every attention layer.
+
+  backend: "xla" (reference) | "splash" (Pallas TPU kernel; interpret mode elsewhere) | "cudnn" (GPU, bf16).
+  min_seq: below this many key/value tokens attention falls back to xla (e.g. the 300-token cross-attention
+    with the default 1024).
+  block_sizes: splash tiles (block_q, block_kv, block_kv_compute), multiples of 128, clipped to the sequence;
+    a 3-sequence (a JSON round trip gives a list) is accepted.
+  interpret: run splash in Pallas interpret mode; None = iff the backend is not a TPU.
+  sequence_parallel: under a mesh with a `sequence` axis > 1, self-attention shards tokens by grid rows and
+    all-gathers (compressed) K/V explicitly (pixart_jax.parallel.context).
+  """
   backend: AttentionBackend = AttentionBackend.XLA
   min_seq: int = 1024
   block_sizes: SplashBlockSizes = SplashBlockSizes()
   interpret: bool | None = None
   sequence_parallel: bool = False
 
+  def __post_init__(self):
+    object.__setattr__(self, "backend", AttentionBackend.parse(self.backend))
+    blocks = self.block_sizes
+    if not isinstance(blocks, SplashBlockSizes):
+      blocks = tuple(blocks)
+      if len(blocks) != 3:
+        raise ValueError(f"attention block_sizes must be (block_q, block_kv, block_kv_compute), got {blocks!r}")
+      object.__setattr__(self, "block_sizes", SplashBlockSizes(*(int(b) for b in blocks)))
+    if not isinstance(self.min_seq, int) or self.min_seq < 0:
+      raise ValueError(f"attention min_seq must be an int >= 0, got {self.min_seq!r}")
+
   @classmethod
-  def from_config(cls, cfg) -> "AttentionOptions":
-    """From a DiTConfig's `attention`, `attention_min_seq`, `splash_block_sizes`, `splash_interpret`,
-    `sequence_parallel` fields."""
-    return cls(backend=AttentionBackend.parse(cfg.attention), min_seq=cfg.attention_min_seq,
-               block_sizes=SplashBlockSizes(*cfg.splash_block_sizes), interpret=cfg.splash_interpret,
-               sequence_parallel=cfg.sequence_parallel)
+  def parse(cls, value: "AttentionOptions | AttentionBackend | str | Mapping | None") -> "AttentionOptions":
+    """None -> the defaults (xla); a backend (or its name) -> the defaults with that backend; a mapping with the
+    field names (`config.model.attention`, None values keep the defaults) -> those options."""
+    if value is None:
+      return cls()
+    if isinstance(value, cls):
+      return value
+    if isinstance(value, (str, AttentionBackend)):
+      return cls(backend=value)
+    if isinstance(value, Mapping) or hasattr(value, "items"):
+      given = {k: v for k, v in dict(value).items() if v is not None}
+      fields = {f.name for f in dataclasses.fields(cls)}
+      unknown = sorted(set(given) - fields)
+      if unknown:
+        raise ValueError(f"unknown attention options {unknown}; known: {sorted(fields)}")
+      return cls(**given)
+    raise ValueError(f"attention must be AttentionOptions, a backend name or a mapping of its fields, got "
+                     f"{value!r}")
 
 
 XLA_OPTIONS = AttentionOptions()
@@ -186,30 +211,11 @@ def auto_mesh():
   return mesh if free else None
 
 
-def dim_axes(mesh, axes, size: int):
-  """The non-manual mesh axes among `axes` (in order) whose running product divides `size`; a
-  PartitionSpec entry (None, one name, or a tuple)."""
-  types = dict(zip(mesh.axis_names, mesh.axis_types))
-  kept, prod = [], 1
-  for a in axes:
-    if a in types and mesh.shape[a] > 1 and types[a] != AxisType.Manual:
-      if size % (prod * mesh.shape[a]) == 0:
-        kept.append(a)
-        prod *= mesh.shape[a]
-  return None if not kept else kept[0] if len(kept) == 1 else tuple(kept)
-
-
-def batch_axes() -> tuple[str, ...]:
-  """Mesh axes of the logical `batch` axis under the enclosing rules."""
-  axes = dict(spmd.get_logical_axis_rules() or LOGICAL_RULES).get("batch")
-  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-
-
 def _splash_sharded(q, k, v, mask, opts: AttentionOptions, mesh) -> jax.Array:
   b, l, n, _ = q.shape
-  bspec = dim_axes(mesh, batch_axes(), b)
-  hspec = dim_axes(mesh, ("tensor",), n)
-  lspec = dim_axes(mesh, ("sequence",), l)
+  bspec = batch_spec(mesh, None, (b,))[0]
+  hspec = dim_spec(mesh, ("tensor",), n)
+  lspec = dim_spec(mesh, ("sequence",), l)
   free = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual}  # made manual here
   q_spec, kv_spec = P(bspec, lspec, hspec, None), P(bspec, None, hspec, None)
   fn = lambda q_, k_, v_, m_: splash_local(q_, k_, v_, m_, block_sizes=opts.block_sizes, interpret=opts.interpret)

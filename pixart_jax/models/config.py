@@ -1,16 +1,23 @@
 """Architecture presets for PixArt-Sigma (and the PixArt-alpha 1024 layout).
 
-`DiTConfig` describes an architecture only; experiments (ml_collections) pick a preset by name and override a
-few fields once, at the edge. Numbers follow the spec (section 2, 3, 8.3).
+`DiTConfig` describes an architecture only (how the model runs, attention included, is a `models.spec.ModelSpec`);
+experiments (ml_collections) pick a preset by name and override a few fields once, at the edge (`from_preset`).
+Numbers follow the spec (section 2, 3, 8.3).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import logging
+from typing import Any, Literal, Mapping
 
-from pixart_jax.models.attention_backends import AttentionBackend, SplashBlockSizes
+log = logging.getLogger(__name__)
 
 KVMode = Literal["conv", "ave", "uniform"]
+
+# How attention runs moved from DiTConfig to `AttentionOptions` (carried by `ModelSpec`). JSON written by older
+# versions (converted Orbax dirs, a workdir's config.json, checkpoints' config items) still holds these keys:
+# reading an architecture drops them.
+RUN_FIELDS = ("attention", "attention_min_seq", "splash_block_sizes", "splash_interpret", "sequence_parallel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,16 +26,8 @@ class DiTConfig:
 
   sample_size: latent side of the training resolution (image_size // 8); base_size = sample_size // patch_size.
   interpolation_scale: the PE interpolation (official `pe_interpolation`, diffusers `interpolation_scale`).
-  kv_compress_layers / kv_compress_ratio / kv_compress_mode: KV token compression (spec section 3).
-
-  How attention runs (never what it computes, never the parameters):
-  attention: "xla" (reference) | "splash" (Pallas TPU kernel; interpret mode elsewhere) | "cudnn" (GPU, bf16).
-  attention_min_seq: below this many key/value tokens attention falls back to xla (e.g. the 300-token
-    cross-attention with the default 1024).
-  splash_block_sizes: (block_q, block_kv, block_kv_compute), multiples of 128, clipped to the sequence.
-  splash_interpret: run splash in Pallas interpret mode; None = iff the backend is not a TPU.
-  sequence_parallel: under a mesh with a `sequence` axis > 1, self-attention shards tokens by grid rows and
-    all-gathers (compressed) K/V explicitly (pixart_jax.parallel.context).
+  kv_compress_layers / kv_compress_ratio / kv_compress_mode: KV token compression (spec section 3); a list
+    (a JSON round trip) is accepted and stored as a tuple of ints.
   """
 
   depth: int = 28
@@ -51,21 +50,9 @@ class DiTConfig:
   class_dropout_prob: float = 0.1
   # Which image-size table the checkpoint was trained on (data.buckets names); informational for sampling.
   image_size: int = 1024
-  attention: str = "xla"
-  attention_min_seq: int = 1024
-  splash_block_sizes: tuple[int, int, int] = (512, 512, 512)
-  splash_interpret: bool | None = None
-  sequence_parallel: bool = False
 
   def __post_init__(self):
-    AttentionBackend.parse(self.attention)
-    blocks = tuple(self.splash_block_sizes)
-    if len(blocks) != 3:
-      raise ValueError(f"splash_block_sizes must be (block_q, block_kv, block_kv_compute), got {blocks!r}")
-    SplashBlockSizes(*blocks)
-    object.__setattr__(self, "splash_block_sizes", blocks)  # JSON round trips give lists
-    if self.attention_min_seq < 0:
-      raise ValueError(f"attention_min_seq must be >= 0, got {self.attention_min_seq}")
+    object.__setattr__(self, "kv_compress_layers", tuple(int(i) for i in self.kv_compress_layers))
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
     bad = [i for i in self.kv_compress_layers if not 0 <= i < self.depth]
@@ -77,6 +64,11 @@ class DiTConfig:
       raise ValueError("kv_compress_ratio must be >= 2 when kv_compress_layers is set")
     if self.micro_conditions and self.hidden_size % 3:
       raise ValueError("micro_conditions need hidden_size divisible by 3")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any], *, what: str = "DiTConfig") -> "DiTConfig":
+    """From a JSON dict of fields (`dataclasses.asdict`); see `architecture_fields`."""
+    return cls(**architecture_fields(d, what=what))
 
   @property
   def head_dim(self) -> int:
@@ -145,3 +137,27 @@ def get_preset(name: str, **overrides) -> DiTConfig:
   if name not in PRESETS:
     raise ValueError(f"unknown DiT preset {name!r}; known: {sorted(PRESETS)}")
   return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+def architecture_fields(d: Mapping[str, Any], *, what: str = "DiTConfig") -> dict[str, Any]:
+  """The DiTConfig fields of `d`: keys of older versions' run settings (`RUN_FIELDS`) dropped (logged when set),
+  any other unknown key an error naming it and `what` (the file or config it came from)."""
+  d = dict(d)
+  dropped = {k: d.pop(k) for k in RUN_FIELDS if k in d}
+  dropped = {k: v for k, v in dropped.items() if v is not None}
+  if dropped:
+    log.info("%s: ignoring %s (how attention runs is not part of the architecture: set it with "
+             "ModelSpec(attention=...) / config.model.attention)", what, dropped)
+  fields = {f.name for f in dataclasses.fields(DiTConfig)}
+  unknown = sorted(set(d) - fields)
+  if unknown:
+    raise ValueError(f"unknown DiTConfig fields in {what}: {unknown}")
+  return d
+
+
+def from_preset(name: str, overrides: Mapping[str, Any] | None = None, *, what: str = "model.overrides"
+                ) -> DiTConfig:
+  """A preset with the non-None entries of `overrides` (an experiment's `config.model.overrides`, also as saved in
+  a workdir's config.json by older versions; see `architecture_fields`)."""
+  given = {k: v for k, v in dict(overrides or {}).items() if v is not None}
+  return get_preset(name, **architecture_fields(given, what=what))

@@ -34,12 +34,12 @@ def _table_init(dim: int):
 class Block(nnx.Module):
   """adaLN-single block: modulated self-attn, plain cross-attn, modulated MLP (spec 2.7)."""
 
-  def __init__(self, cfg: DiTConfig, *, kv_ratio: int, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: DiTConfig, *, kv_ratio: int, opts: AttentionOptions, dtype: Dtype, param_dtype: Dtype,
+               rngs: nnx.Rngs):
     d = cfg.hidden_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.eps = cfg.norm_eps
     self.scale_shift_table = make_param(_table_init(d), rngs.params(), (6, d), param_dtype, ("table", "embed"))
-    opts = AttentionOptions.from_config(cfg)
     self.attn = SelfAttention(d, cfg.num_heads, kv_ratio=kv_ratio, kv_mode=cfg.kv_compress_mode,
                               qk_norm=cfg.qk_norm, opts=opts, **kw)
     self.cross_attn = CrossAttention(d, cfg.num_heads, opts=opts, **kw)
@@ -72,23 +72,30 @@ class FinalLayer(nnx.Module):
     return self.linear(modulate(layer_norm(x, self.eps), shift, scale))
 
 
-def _make_stage(cfg: DiTConfig, count: int, kv_ratio: int, dtype, param_dtype, rngs: nnx.Rngs) -> Block:
+def _make_stage(cfg: DiTConfig, count: int, kv_ratio: int, opts: AttentionOptions, dtype, param_dtype,
+                rngs: nnx.Rngs) -> Block:
   """`count` Blocks with stacked parameters (leading axis named `layers`)."""
 
   @nnx.split_rngs(splits=count)
   @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
   def make(r: nnx.Rngs) -> Block:
-    return Block(cfg, kv_ratio=kv_ratio, dtype=dtype, param_dtype=param_dtype, rngs=r)
+    return Block(cfg, kv_ratio=kv_ratio, opts=opts, dtype=dtype, param_dtype=param_dtype, rngs=r)
 
   return make(rngs)
 
 
 class PixArtSigma(nnx.Module):
-  """PixArt-Sigma DiT. `__call__(x, t, y, mask)`: NHWC latents in, (B, H, W, 2C) (eps, variance value) out."""
+  """PixArt-Sigma DiT. `__call__(x, t, y, mask)`: NHWC latents in, (B, H, W, 2C) (eps, variance value) out.
+
+  cfg: the architecture. How it runs: dtype (compute), param_dtype (storage), remat, scan, and `attention`
+  (`AttentionOptions`, a backend name, or None for xla). `models.spec.ModelSpec` holds all of these.
+  """
 
   def __init__(self, cfg: DiTConfig, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               remat: str | RematPolicy = "none", scan: bool = True, rngs: nnx.Rngs):
+               remat: str | RematPolicy = "none", scan: bool = True,
+               attention: AttentionOptions | str | None = None, rngs: nnx.Rngs):
     self.cfg, self.dtype = cfg, dtype
+    self.attention = AttentionOptions.parse(attention)
     self.remat = RematPolicy.parse(remat)
     self.scan = scan
     d = cfg.hidden_size
@@ -98,7 +105,7 @@ class PixArtSigma(nnx.Module):
     self.micro = MicroConditionEmbedder(d, **kw) if cfg.micro_conditions else None
     self.t_block = dense(d, 6 * d, ("embed", "mlp"), kernel_init=nnx.initializers.normal(0.02), **kw)
     self.caption = CaptionProjection(cfg.caption_channels, d, **kw)
-    self.stages = nnx.List([_make_stage(cfg, count, ratio, dtype, param_dtype, rngs)
+    self.stages = nnx.List([_make_stage(cfg, count, ratio, self.attention, dtype, param_dtype, rngs)
                             for _, count, ratio in cfg.stages()])
     self.final = FinalLayer(cfg, **kw)
 
@@ -164,11 +171,6 @@ class PixArtSigma(nnx.Module):
     out = constrain(self.final(tokens, t_emb), ACT)
     out = einops.rearrange(out, "b (h w) (p q c) -> b (h p) (w q) c", h=h, w=w, p=p, q=p)
     return out.astype(jnp.float32)
-
-
-def abstract_model(cfg: DiTConfig, **kw) -> PixArtSigma:
-  """The model with ShapeDtypeStruct leaves: no memory allocated (for counting, sharding and loading)."""
-  return nnx.eval_shape(lambda: PixArtSigma(cfg, rngs=nnx.Rngs(0), **kw))
 
 
 def count_params(model: nnx.Module) -> int:

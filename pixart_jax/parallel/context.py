@@ -26,8 +26,8 @@ import einops
 import jax
 from jax.sharding import AxisType, PartitionSpec as P
 
-from pixart_jax.models.attention_backends import (AttentionBackend, AttentionOptions, attend_local, batch_axes,
-                                                  dim_axes)
+from pixart_jax.models.attention_backends import AttentionBackend, AttentionOptions, attend_local
+from pixart_jax.parallel.sharding import batch_spec, dim_spec
 
 SEQUENCE_AXIS = "sequence"
 GATHER_SCOPE = "sequence_parallel_kv_all_gather"  # named scope of the K/V all-gathers (visible in HLO metadata)
@@ -80,8 +80,8 @@ def sequence_parallel_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, h
     raise ValueError(f"{l} tokens do not match the {h}x{w} grid")
   check_grid(hw, shards, ratio if compress is not None else 1)
   head_dim = d // num_heads
-  bspec = dim_axes(mesh, batch_axes(), b)
-  hspec = dim_axes(mesh, ("tensor",), num_heads)
+  bspec = batch_spec(mesh, None, (b,))[0]
+  hspec = dim_spec(mesh, ("tensor",), num_heads)
   x_spec = P(bspec, SEQUENCE_AXIS, hspec)
   p_specs = tuple(P(*([None] * (a.ndim - 1)), hspec) for a in compress_params)
 

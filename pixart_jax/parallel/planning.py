@@ -3,9 +3,9 @@
 Axis legend: B global batch, H W latent height/width, C latent channels, S caption tokens, Dc caption width.
 
 `plan_train` and `plan_sample` build abstract inputs (ShapeDtypeStructs carrying their NamedShardings on `mesh`),
-lower the real jitted programs (`train.step.jit_train_step`, the Pipeline's denoising loop), compile them, and
-read per-device memory from `compiled.memory_analysis()` and FLOPs from `compiled.cost_analysis()`; the analytic
-FLOPs come from `models.flops`. Nothing is allocated or executed.
+lower the real jitted programs (`train.step.jit_train_step`, `diffusion.denoise` as the Pipeline runs it), compile
+them, and read per-device memory from `compiled.memory_analysis()` and FLOPs from `compiled.cost_analysis()`; the
+analytic FLOPs come from `models.flops`. Nothing is allocated or executed.
 
 The mesh's devices decide what the numbers mean:
   * TPU devices from `jax.experimental.topologies.get_topology_desc` (needs libtpu, no TPU hardware): the program
@@ -25,19 +25,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pixart_jax.models import flops as flops_lib
+from pixart_jax.models.attention_backends import AttentionOptions
 from pixart_jax.models.config import DiTConfig
+from pixart_jax.models.spec import ModelSpec, abstract
+from pixart_jax.parallel import chips
 from pixart_jax.parallel import sharding as sharding_lib
 
-# HBM per chip (bytes) of the accelerators the verdict is given for (GiB as the vendors and XLA state them; v5p:
-# the 95.74 GiB the TPU compiler reports as available).
-GIB = 2**30
-HBM_BYTES: dict[str, float] = {"v5e": 16 * GIB, "v6e": 32 * GIB, "v4": 32 * GIB, "H100": 80 * GIB,
-                               "v5p": 95.74 * GIB}
+# HBM per chip (bytes, `parallel.chips`) of the accelerators the verdict is given for.
+VERDICT_CHIPS = ("v5e", "v6e", "v4", "H100", "v5p")
+HBM_BYTES: dict[str, float] = {name: chips.BY_NAME[name].hbm_bytes for name in VERDICT_CHIPS}
 # Share of HBM a program may plan to use (the runtime, collectives' buffers and fragmentation take the rest).
 USABLE_FRACTION = 0.9
 
@@ -46,6 +46,7 @@ USABLE_FRACTION = 0.9
 class Workload:
   """What to plan. latent_hw: (H, W) latent size (image / 8). global_batch: examples per step (sampler: images,
   CFG doubles the DiT batch). dtype / param_dtype: compute / storage. remat: policy name (train only).
+  attention: how attention runs (`AttentionOptions`, or a backend name / mapping of its fields).
   steps / guidance: sampler settings. ema: keep an fp32 EMA in the train state."""
   cfg: DiTConfig
   latent_hw: tuple[int, int]
@@ -57,14 +58,21 @@ class Workload:
   grad_accum: int = 1
   steps: int = 20
   guidance: bool = True
+  attention: AttentionOptions = AttentionOptions()
 
   def __post_init__(self):
+    object.__setattr__(self, "attention", AttentionOptions.parse(self.attention))
     h, w = self.latent_hw
     p = self.cfg.patch_size
     if h <= 0 or w <= 0 or h % p or w % p:
       raise ValueError(f"latent size {h}x{w} must be positive multiples of the patch size {p}")
     if self.global_batch < 1:
       raise ValueError(f"global_batch must be >= 1, got {self.global_batch}")
+
+  def spec(self, remat: str) -> ModelSpec:
+    """The model as the program runs it (train: `remat`; sampling: "none", as `load_transformer` builds it)."""
+    return ModelSpec(self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, remat=remat,
+                     attention=self.attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +128,7 @@ def per_device_bytes(tree: Any) -> int:
   total = 0
   for leaf in jax.tree.leaves(tree):
     shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
-    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    total += math.prod(shape) * leaf.dtype.itemsize  # (also a PRNG key dtype's)
   return total
 
 
@@ -130,11 +138,6 @@ def _abstract(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(
       lambda s, sub: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), sub),
       shardings, tree)
-
-
-def _batch_spec(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-  names = ("batch",) + (None,) * (len(shape) - 1)
-  return NamedSharding(mesh, sharding_lib.logical_to_spec(names, shape, mesh))
 
 
 def _cost_flops(compiled) -> float | None:
@@ -165,13 +168,13 @@ def _memory(compiled, error: str | None, argument: int) -> dict[str, int]:
               code=int(m.generated_code_size_in_bytes))
 
 
-def _compile(jitted, mesh: Mesh, *args) -> tuple[Any, float, str | None]:
+def _compile(jitted, mesh: Mesh, *args, **static) -> tuple[Any, float, str | None]:
   """(compiled or None, seconds, None or the compiler's out-of-memory message). A compiler that knows its HBM
   (TPU) refuses programs that cannot fit: that is a verdict, not a failure of the planner."""
   t = time.perf_counter()
   try:
     with jax.set_mesh(mesh):
-      compiled = jitted.lower(*args).compile()
+      compiled = jitted.lower(*args, **static).compile()
   except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory refusal is a result
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -192,7 +195,7 @@ def plan_train(work: Workload, mesh: Mesh, optimizer=None, rules=sharding_lib.LO
   from pixart_jax.train import optimizers, state as state_lib, step as step_lib
 
   cfg = work.cfg
-  spec = state_lib.ModelSpec(cfg, dtype=work.dtype, param_dtype=work.param_dtype, remat=work.remat)
+  spec = work.spec(work.remat)
   graphdef, _ = spec.split()
   opt_cfg = optimizer or optimizers.OptimizerConfig()
   tx, lr = optimizers.make_optimizer(opt_cfg, work.global_batch)
@@ -205,7 +208,7 @@ def plan_train(work: Workload, mesh: Mesh, optimizer=None, rules=sharding_lib.LO
   shapes = {"latents": ((b, h, w, cfg.in_channels), jnp.float32), "caption": ((b, s, cfg.caption_channels),
                                                                               jnp.float32),
             "mask": ((b, s), jnp.int32)}
-  batch_sh = {k: _batch_spec(mesh, shp) for k, (shp, _) in shapes.items()}
+  batch_sh = {k: sharding_lib.batch_sharding(mesh, rules, shp) for k, (shp, _) in shapes.items()}
   batch = {k: jax.ShapeDtypeStruct(shp, dt, sharding=batch_sh[k]) for k, (shp, dt) in shapes.items()}
   null = jax.ShapeDtypeStruct((s, cfg.caption_channels), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
 
@@ -213,7 +216,7 @@ def plan_train(work: Workload, mesh: Mesh, optimizer=None, rules=sharding_lib.LO
                                  ema_rate=0.9999 if work.ema else None, learn_sigma=cfg.learn_sigma)
   fn = step_lib.make_train_step(graphdef=graphdef, tx=tx, lr_schedule=lr, cfg=step_cfg)
   jitted = step_lib.jit_train_step(fn, jax.tree.map(lambda a: a.sharding, state), batch_sh, mesh)
-  compiled, seconds, error = _compile(jitted, mesh, state, batch, null)
+  compiled, seconds, error = _compile(jitted, mesh, state, batch, null, ())  # full fine-tuning: nothing frozen
   args_bytes = per_device_bytes((state, batch, null))
 
   n = mesh.devices.size
@@ -229,42 +232,36 @@ def plan_train(work: Workload, mesh: Mesh, optimizer=None, rules=sharding_lib.LO
 
 def plan_sample(work: Workload, mesh: Mesh, sampler: str = "dpm-solver",
                 rules=sharding_lib.LOGICAL_RULES) -> Plan:
-  """Compiles the denoising loop as `Pipeline` runs it (CFG model fn inside the sampler's scan) for `mesh`.
+  """Compiles `diffusion.denoise` as `Pipeline` runs it (CFG model fn inside the sampler's scan) for `mesh`.
 
-  Inputs: latents (B H W C) f32, prompt and negative caption embeddings (B S Dc) f32 with masks, the guidance
-  scale; parameters in `work.param_dtype`, compute in `work.dtype`. FLOPs: `work.steps` model calls at batch 2B
-  (B without guidance).
+  Inputs: latents (B H W C) f32, prompt and negative caption embeddings (B S Dc) f32 with masks (batch-sharded as
+  the Pipeline places them), the guidance scale and the sampler key; parameters in `work.param_dtype`, compute in
+  `work.dtype`. FLOPs: `work.steps` model calls at batch 2B (B without guidance).
   """
-  from pixart_jax.diffusion import samplers
-  from pixart_jax.diffusion.guidance import cfg_model_fn
-  from pixart_jax.models.dit import PixArtSigma
+  from pixart_jax.diffusion.denoise import STATIC_ARGNAMES, denoise
 
   cfg = work.cfg
-  model = nnx.eval_shape(lambda: PixArtSigma(cfg, dtype=work.dtype, param_dtype=work.param_dtype,
-                                             rngs=nnx.Rngs(0)))
+  model = abstract(work.spec("none"))
   graphdef, params = nnx.split(model)
   params = _abstract(params, sharding_lib.state_shardings(params, mesh, rules))
 
   b, (h, w), s = work.global_batch, work.latent_hw, cfg.max_caption_len
-  lat_shape = (b, h, w, cfg.in_channels)
-  lat = jax.ShapeDtypeStruct(lat_shape, jnp.float32, sharding=_batch_spec(mesh, lat_shape))
-  emb = jax.ShapeDtypeStruct((b, s, cfg.caption_channels), jnp.float32,
-                             sharding=_batch_spec(mesh, (b, s, cfg.caption_channels)))
-  msk = jax.ShapeDtypeStruct((b, s), jnp.int32, sharding=_batch_spec(mesh, (b, s)))
-  scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
-  use_cfg, steps = work.guidance, work.steps
+  batch_sh = sharding_lib.batch_sharding(mesh, rules, (b,))  # the Pipeline's placement of every batch array
+  replicated = NamedSharding(mesh, PartitionSpec())
+  lat = jax.ShapeDtypeStruct((b, h, w, cfg.in_channels), jnp.float32, sharding=batch_sh)
+  emb = jax.ShapeDtypeStruct((b, s, cfg.caption_channels), jnp.float32, sharding=batch_sh)
+  msk = jax.ShapeDtypeStruct((b, s), jnp.int32, sharding=batch_sh)
+  scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
+  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
+  cond, uncond = (emb, msk), ((emb, msk) if work.guidance else None)
 
-  def denoise(state, latents, cond_emb, cond_mask, un_emb, un_mask, g):
-    net = nnx.merge(graphdef, state)
-    model_fn = cfg_model_fn(lambda x, t, y, m: net(x, t, y, m), (cond_emb, cond_mask),
-                            (un_emb, un_mask) if use_cfg else None, g if use_cfg else 1.0)
-    return samplers.sample(sampler, model_fn, latents, num_steps=steps)
-
-  compiled, seconds, error = _compile(jax.jit(denoise), mesh, params, lat, emb, msk, emb, msk, scale)
-  args_bytes = per_device_bytes((params, lat, emb, msk, emb, msk, scale))
+  jitted = jax.jit(functools.partial(denoise, graphdef), static_argnames=STATIC_ARGNAMES)
+  compiled, seconds, error = _compile(jitted, mesh, params, lat, cond, uncond, scale, key, sampler=sampler,
+                                      steps=work.steps, mode="diffusers")
+  args_bytes = per_device_bytes((params, lat, cond, uncond, scale, key))
   n = mesh.devices.size
-  total = flops_lib.sampling_flops(cfg, h, w, steps, batch=b, guidance=use_cfg, caption_len=s)
-  inputs = per_device_bytes((lat, emb, msk, emb, msk))
+  total = flops_lib.sampling_flops(cfg, h, w, work.steps, batch=b, guidance=work.guidance, caption_len=s)
+  inputs = per_device_bytes((lat, cond, uncond))
   return Plan(what="sample", devices=n, device_kind=mesh.devices.flat[0].device_kind, mesh=dict(mesh.shape),
               params=per_device_bytes(params), optimizer=0, inputs=inputs,
               **_memory(compiled, error, args_bytes), flops_analytic=total / n,

@@ -3,7 +3,9 @@
 Every parameter carries logical axis names (stored by `flax.nnx.with_partitioning` as the
 `out_sharding` metadata of the Variable); key activations are constrained with `constrain`.
 `LOGICAL_RULES` maps those names onto the mesh axes `data`, `fsdp`, `tensor`, `sequence`.
-A config may override the table; nothing here reads flags or global config.
+A config may override the table; nothing here reads flags or global config. The batch of every input (data
+pipeline, encoders, the Pipeline, the planner, code inside `shard_map`) is placed by `batch_sharding` /
+`batch_spec`: its leading axis over the `batch` rule's mesh axes.
 
 Logical names used in this package:
   batch        examples                         activation_length  image tokens
@@ -17,12 +19,13 @@ Logical names used in this package:
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
 from flax import nnx
 from flax.core import spmd
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -66,6 +69,36 @@ def _as_tuple(axes) -> tuple[str, ...]:
   return tuple(axes)
 
 
+def active_rules() -> Rules:
+  """The rules of the enclosing `nnx.logical_axis_rules`, else `LOGICAL_RULES` (for code inside the model)."""
+  return spmd.get_logical_axis_rules() or LOGICAL_RULES
+
+
+def _shard_axes(mesh, axes: Sequence[str], size: int | None = None) -> tuple[str, ...]:
+  """The mesh axes among `axes` (in order) that shard a dimension: in the mesh, larger than 1, not manual (an
+  enclosing `shard_map` already splits them) and, given the dimension's `size`, whose running product divides it."""
+  types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ())))
+  kept, prod = [], 1
+  for a in axes:
+    if a not in mesh.shape or mesh.shape[a] <= 1 or types.get(a) == AxisType.Manual:
+      continue
+    if size is not None and size % (prod * mesh.shape[a]):
+      continue
+    kept.append(a)
+    prod *= mesh.shape[a]
+  return tuple(kept)
+
+
+def _entry(axes: Sequence[str]):
+  """A PartitionSpec entry: None, one axis name, or a tuple of them."""
+  return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def dim_spec(mesh, axes: Sequence[str], size: int | None = None):
+  """The PartitionSpec entry of one dimension of `size` over the mesh `axes` that can shard it (see `batch_spec`)."""
+  return _entry(_shard_axes(mesh, axes, size))
+
+
 def logical_to_spec(
     names: Sequence[str | None] | None,
     shape: Sequence[int] | None = None,
@@ -74,9 +107,9 @@ def logical_to_spec(
 ) -> PartitionSpec:
   """Maps logical axis names to a PartitionSpec.
 
-  A mesh axis is used at most once per spec (first dimension wins). With `shape` and `mesh`,
-  mesh axes that do not divide the dimension, or have size 1, are dropped for that dimension,
-  so tiny test models shard whatever they can and replicate the rest.
+  A mesh axis is used at most once per spec (first dimension wins). With `mesh`, mesh axes of size 1 (or manual
+  ones, inside `shard_map`) are dropped, and with `shape` too those that do not divide the dimension, so tiny test
+  models shard whatever they can and replicate the rest.
   """
   if names is None:
     return PartitionSpec()
@@ -86,17 +119,41 @@ def logical_to_spec(
   for i, name in enumerate(names):
     axes = [a for a in _as_tuple(table.get(name)) if a not in used] if name else []
     if mesh is not None:
-      axes = [a for a in axes if a in mesh.shape and mesh.shape[a] > 1]
-    if shape is not None and mesh is not None:
-      kept, prod = [], 1
-      for a in axes:
-        if shape[i] % (prod * mesh.shape[a]) == 0:
-          kept.append(a)
-          prod *= mesh.shape[a]
-      axes = kept
+      axes = _shard_axes(mesh, axes, None if shape is None else shape[i])
     used.update(axes)
-    out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    out.append(_entry(axes))
   return PartitionSpec(*out)
+
+
+def batch_axes(mesh, rules: Rules | None = None, size: int | None = None) -> tuple[str, ...]:
+  """The mesh axes of the logical `batch` axis under `rules` (None: `active_rules()`) that shard a batch (of `size`
+  examples, when given: then only those whose running product divides it)."""
+  table = dict(active_rules() if rules is None else rules)
+  return _shard_axes(mesh, _as_tuple(table.get("batch")), size)
+
+
+def batch_spec(mesh, rules: Rules | None, ndim_or_shape: int | Sequence[int]) -> PartitionSpec:
+  """The PartitionSpec of a batch-major array: the leading axis over `batch_axes`, the others replicated.
+
+  ndim_or_shape: the array's rank (every batch axis of the mesh; the caller guarantees divisibility) or its shape
+  (only the axes whose running product divides shape[0]: a batch that does not split evenly is replicated over the
+  rest). Works on an abstract mesh inside `shard_map` (manual axes are left out) with rules None.
+  """
+  ndim = ndim_or_shape if isinstance(ndim_or_shape, int) else len(ndim_or_shape)
+  if ndim < 1:
+    raise ValueError(f"a batch-major array has rank >= 1, got {ndim_or_shape!r}")
+  size = None if isinstance(ndim_or_shape, int) else int(ndim_or_shape[0])
+  return PartitionSpec(_entry(batch_axes(mesh, rules, size)), *([None] * (ndim - 1)))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules | None, ndim_or_shape: int | Sequence[int]) -> NamedSharding:
+  """NamedSharding of a batch-major array on `mesh` (see `batch_spec`)."""
+  return NamedSharding(mesh, batch_spec(mesh, rules, ndim_or_shape))
+
+
+def batch_shards(mesh, rules: Rules | None = None) -> int:
+  """How many ways `batch_sharding(mesh, rules, ndim)` splits the batch (a global batch must be a multiple)."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
 
 
 def _var_names(v: nnx.Variable):
@@ -138,6 +195,5 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
     return x
-  rules = spmd.get_logical_axis_rules() or LOGICAL_RULES
-  spec = logical_to_spec(names, x.shape, mesh, rules)
+  spec = logical_to_spec(names, x.shape, mesh, active_rules())
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -7,9 +7,12 @@ Fields of the experiment (every recipe has all of them; `lock_config=True` makes
 
   seed                        the run's seed (init, noise, data order)
   model.preset                a `pixart_jax.models.config` preset name
-  model.overrides.<field>     any DiTConfig field; None keeps the preset's value
+  model.overrides.<field>     any DiTConfig field (the architecture); None keeps the preset's value
   model.dtype / param_dtype   compute dtype (bfloat16 on accelerators) / parameter storage (float32)
   model.remat, model.scan     remat policy (none | full | dots | dots_no_batch), scanned blocks
+  model.attention.*           how attention runs (`models.attention_backends.AttentionOptions`): backend (xla |
+                              splash | cudnn), min_seq (xla below it), block_sizes (splash tiles), interpret (None =
+                              Pallas interpret mode iff not on a TPU), sequence_parallel
   mesh                        ((axis, size), ...) over data / fsdp / tensor / sequence; one size may be -1
   sharding_rules              ((logical name, mesh axes), ...) replacing entries of parallel.sharding.LOGICAL_RULES
   data.*                      the input pipeline (dir of prepared records, or synthetic=True), global batch
@@ -32,6 +35,7 @@ import dataclasses
 import ml_collections as mlc
 from ml_collections import config_dict
 
+from pixart_jax.models.attention_backends import AttentionOptions
 from pixart_jax.models.config import DiTConfig
 
 
@@ -95,13 +99,20 @@ def _dit_overrides() -> mlc.ConfigDict:
   return mlc.ConfigDict(out)
 
 
+def _attention() -> mlc.ConfigDict:
+  """`config.model.attention`: the AttentionOptions fields at their defaults (the reference xla backend)."""
+  d = AttentionOptions()
+  return mlc.ConfigDict(dict(backend=d.backend.value, min_seq=d.min_seq, block_sizes=dataclasses.astuple(d.block_sizes),
+                             interpret=config_dict.placeholder(bool), sequence_parallel=d.sequence_parallel))
+
+
 def base_config(*, preset: str, table: str | None, batch_size: int, warmup: int, lr: float = 2e-5,
                 interpolation: float | None = None) -> mlc.ConfigDict:
   """The official Sigma recipe (spec 4.3) around a preset; recipe files change only what differs."""
   c = mlc.ConfigDict()
   c.seed = 43  # official `seed`
   c.model = mlc.ConfigDict(dict(preset=preset, overrides=_dit_overrides(), dtype="bfloat16", param_dtype="float32",
-                                remat="full", scan=True))
+                                remat="full", scan=True, attention=_attention()))
   if interpolation is not None:
     c.model.overrides.interpolation_scale = interpolation
   c.mesh = (("fsdp", -1),)

@@ -1,33 +1,35 @@
 """`train_and_evaluate(config, workdir)`: wires config -> mesh -> data -> state -> compiled steps -> checkpoints.
 
 Order of events (big_vision trainer shape):
-  1. Typed boundary: the ConfigDict becomes DiTConfig / ModelSpec, OptimizerConfig, StepConfig, rules, mesh.
+  1. Typed boundary: the ConfigDict becomes a ModelSpec (DiTConfig + how it runs, `config.model.attention`
+     included), OptimizerConfig, StepConfig, rules, mesh, and the kind of training (`train.trainables.select`:
+     full fine-tuning, or LoRA with `config.lora` set).
   2. Data: the Grain pipeline over `data.dir` (or a synthetic dataset written into the workdir), its abstract
      batches per bucket and the null caption.
-  3. Abstract state (`jax.eval_shape`) -> shardings -> state, by the documented resume order:
-       a checkpoint in `<workdir>/checkpoints` (newest restorable; onto the CURRENT mesh)
-       -> `init_from` (released / converted weights via `convert.dit.load_transformer`; weak-to-strong rules:
-          new KV-compression layers keep their average init (`kv_compress_missing`); PE interpolation and sample
-          size changes are config changes (the PE is recomputed); `init_from` may also be a training workdir of
-          ours or an Orbax dir from `convert`, read by `convert.ours`, which drops the csize/ar micro-condition
-          weights of a PixArt-alpha checkpoint when the new model has none)
-       -> fresh init (`jax.jit(init, out_shardings=...)`).
-     With `config.lora` set the state holds LoRA adapters only (`train.lora_train`): base weights from
-     `init_from`, frozen; the adapters are written to `<workdir>/lora/` at the end.
-  4. AOT: one `lower().compile()` per bucket, `memory_analysis()` logged before step 1.
+  3. Abstract state (`jax.eval_shape`) -> shardings -> state, by the documented resume order
+     (`Trainable.initial_state`): a checkpoint in `<workdir>/checkpoints` (newest restorable; onto the CURRENT
+     mesh) -> the kind's start: `init_from` (released / converted weights via `convert.dit.load_transformer`;
+     weak-to-strong rules: new KV-compression layers keep their average init (`convert.ours.kv_compress_missing`);
+     PE interpolation and sample size changes are config changes (the PE is recomputed); `init_from` may also be
+     a training workdir of ours or an Orbax dir from `convert`, read by `convert.ours`, which drops the csize/ar
+     micro-condition weights of a PixArt-alpha checkpoint when the new model has none) -> fresh init
+     (`jax.jit(init, out_shardings=...)`). LoRA trains adapters on the frozen `init_from` weights.
+  4. AOT: the one train step (`train.step.jit_train_step`, with the kind's frozen inputs and params function),
+     one `lower().compile()` per bucket, `memory_analysis()` logged before step 1.
   5. Loop: step, metrics (JSONL + TensorBoard on process 0), async checkpoints every `ckpt_every`, the sampling
      hook, SIGTERM / preemption -> save at the current step and return; a non-finite loss raises
-     `NonFiniteLossError` naming the step without saving the bad state.
+     `NonFiniteLossError` naming the step without saving the bad state. At the end the kind exports what it
+     produced beyond the checkpoints (LoRA: the adapters in `<workdir>/lora/`).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import signal
 import threading
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,17 +38,20 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pixart_jax.models.config import DiTConfig, get_preset
+from pixart_jax.models.attention_backends import AttentionOptions
+from pixart_jax.models.config import DiTConfig, from_preset
+from pixart_jax.models.spec import ModelSpec
 from pixart_jax.parallel.mesh import make_mesh
 from pixart_jax.parallel.sharding import LOGICAL_RULES
 from pixart_jax.train import flops as flops_lib
-from pixart_jax.train import lora_train
 from pixart_jax.train import state as state_lib
+from pixart_jax.train import trainables
 from pixart_jax.train.checkpoint import Checkpointer
 from pixart_jax.train.metrics import MetricWriter, first_nonfinite
 from pixart_jax.train.optimizers import OptimizerConfig, make_optimizer
 from pixart_jax.train.sample_hook import SampleFn, make_sample_fn
 from pixart_jax.train.step import StepConfig, jit_train_step, make_train_step
+from pixart_jax.train.trainable import Context
 
 log = logging.getLogger(__name__)
 BATCH_KEYS = ("latents", "caption", "mask")
@@ -67,14 +72,12 @@ class RunResult:
 # ---------------------------------------------------------------------------------------------------------------
 # Typed boundary
 # ---------------------------------------------------------------------------------------------------------------
-def model_spec(cfg_model) -> state_lib.ModelSpec:
-  """config.model -> ModelSpec (DiTConfig from the preset + non-None overrides)."""
-  overrides = {k: v for k, v in cfg_model.overrides.items() if v is not None}
-  if "kv_compress_layers" in overrides:
-    overrides["kv_compress_layers"] = tuple(int(i) for i in overrides["kv_compress_layers"])
-  dit = get_preset(cfg_model.preset, **overrides)
-  return state_lib.ModelSpec(dit, dtype=jnp.dtype(cfg_model.dtype), param_dtype=jnp.dtype(cfg_model.param_dtype),
-                             remat=cfg_model.remat, scan=bool(cfg_model.scan))
+def model_spec(cfg_model) -> ModelSpec:
+  """config.model -> ModelSpec (DiTConfig from the preset + non-None overrides; `attention` -> AttentionOptions)."""
+  return ModelSpec(from_preset(cfg_model.preset, cfg_model.overrides),
+                   dtype=jnp.dtype(cfg_model.dtype), param_dtype=jnp.dtype(cfg_model.param_dtype),
+                   remat=cfg_model.remat, scan=bool(cfg_model.scan),
+                   attention=AttentionOptions.parse(cfg_model.get("attention")))
 
 
 def merged_rules(overrides) -> tuple:
@@ -142,33 +145,6 @@ def _barrier(name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# State by the resume order
-# ---------------------------------------------------------------------------------------------------------------
-def initial_state(config, spec: state_lib.ModelSpec, tx, ckpt: Checkpointer, mesh, rules, iterator):
-  """(state, shardings, source) with source in {'checkpoint N', 'init_from ...', 'fresh'}."""
-  use_ema = config.ema.rate is not None
-  init_key, train_rng = state_lib.split_key(config.seed)
-  init = functools.partial(state_lib.init_state, spec=spec, tx=tx, ema=use_ema)
-  abstract = jax.eval_shape(init, init_key, train_rng)
-  shardings = state_lib.shardings_of(abstract, mesh, rules)
-  target = state_lib.with_shardings(abstract, shardings)
-  resumed = ckpt.resume(target, iterator)
-  if resumed is not None:
-    return resumed[0], shardings, f"checkpoint {resumed[1]}"
-  if config.init_from:
-    from pixart_jax.convert.dit import kv_compress_missing, load_transformer
-
-    model = load_transformer(config.init_from, config=spec.cfg, dtype=spec.dtype, param_dtype=spec.param_dtype,
-                             mesh=mesh, rules=rules, remat=spec.remat, scan=spec.scan,
-                             allow_missing=kv_compress_missing if spec.cfg.kv_compress_layers else None)
-    _, params = nnx.split(model, nnx.Param)
-    build = functools.partial(state_lib.state_from_params, tx=tx, ema=use_ema)
-    state = jax.jit(build, out_shardings=shardings, donate_argnums=0)(params, train_rng)
-    return state, shardings, f"init_from {config.init_from}"
-  return jax.jit(init, out_shardings=shardings)(init_key, train_rng), shardings, "fresh init"
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------------------
 class _StopFlag:
@@ -209,6 +185,23 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
+@dataclasses.dataclass
+class _Run:
+  """Everything the step loop uses: compiled[bucket](state, batch, null, frozen) -> (state, metrics)."""
+  config: Any
+  workdir: epath.Path
+  state: state_lib.TrainState
+  iterator: Any
+  compiled: dict
+  step_flops: dict
+  null: jax.Array
+  frozen: Any
+  ckpt: Checkpointer
+  peak: float | None
+  sample_fn: SampleFn | None
+  primary: bool
+
+
 def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = None) -> RunResult:
   """Trains `config` in `workdir` (resuming from its checkpoints). See the module docstring."""
   workdir = epath.Path(workdir)
@@ -220,6 +213,7 @@ def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = Non
            jax.device_count(), jax.local_device_count(), jax.devices()[0].device_kind)
 
   spec = model_spec(config.model)
+  trainable = trainables.select(config, spec)
   opt_cfg = OptimizerConfig.from_dict(config.optimizer)
   step_cfg = StepConfig(class_dropout_prob=config.class_dropout_prob, grad_accum=config.grad_accum,
                         ema_rate=config.ema.rate, learn_sigma=spec.cfg.learn_sigma)
@@ -241,14 +235,12 @@ def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = Non
     tx, lr_schedule = make_optimizer(opt_cfg, batch)
     graphdef, _ = spec.split()
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep)
-    lora_cfg = lora_train.lora_config(config)
-    if lora_cfg is None:
-      state, shardings, source = initial_state(config, spec, tx, ckpt, mesh, rules, iterator)
-    else:  # LoRA: the state holds the adapters; the base weights are frozen inputs of the step
-      state, shardings, source, frozen, frozen_sh = lora_train.initial_state(config, spec, tx, ckpt, mesh, rules,
-                                                                             iterator, lora_cfg)
-    log.info("train state from %s at step %d\n%s", source, int(state.step), state_lib.parameter_overview(
-        state.params if lora_cfg is None else nnx.State(state.params)))
+    initial = trainable.initial_state(Context(config=config, spec=spec, tx=tx, mesh=mesh, rules=rules, ckpt=ckpt,
+                                              iterator=iterator))
+    state, shardings = initial.state, initial.shardings
+    frozen, frozen_shardings = trainable.frozen()
+    log.info("train state from %s at step %d\n%s", initial.source, int(state.step),
+             state_lib.parameter_overview(state.params))
     if int(state.step) >= config.steps:
       log.info("nothing to do: the state is at step %d, config.steps is %d", int(state.step), config.steps)
       ckpt.close()
@@ -257,38 +249,41 @@ def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = Non
 
     if sample_fn is None and config.sample.every:
       sample_fn = make_sample_fn(config.sample, spec, graphdef, mesh, rules, caption_len=null.shape[0])
-    fn = make_train_step(graphdef=graphdef, tx=tx, lr_schedule=lr_schedule, cfg=step_cfg)
+    fn = make_train_step(graphdef=graphdef, tx=tx, lr_schedule=lr_schedule, cfg=step_cfg,
+                         params_fn=trainable.params_fn)
     compiled, step_flops = {}, {}
     for key, ab in abstract_batches.items():
       ab = {k: ab[k] for k in BATCH_KEYS}
       t0 = time.perf_counter()
-      if lora_cfg is None:
-        jitted = jit_train_step(fn, shardings, {k: v.sharding for k, v in ab.items()}, mesh)
-        compiled[key] = jitted.lower(state, ab, null).compile()
-      else:
-        compiled[key] = lora_train.compile_step(fn, lora_cfg, state, shardings, ab, null, frozen, frozen_sh, mesh)
+      jitted = jit_train_step(fn, shardings, {k: v.sharding for k, v in ab.items()}, mesh, frozen_shardings)
+      compiled[key] = jitted.lower(state, ab, null, frozen).compile()
       _, h, w, _ = ab["latents"].shape
       step_flops[key] = flops_lib.train_step_flops(spec.cfg, batch, h, w, ab["caption"].shape[1])
       log.info("compiled bucket %s (latent %dx%d) in %.1fs; per device: %s", key, h, w, time.perf_counter() - t0,
-               _memory(compiled[key]) if lora_cfg is None else "(LoRA step)")
+               _memory(compiled[key]))
 
-    result = _run(config, workdir, state, iterator, compiled, step_flops, null, ckpt, peak, sample_fn, primary)
-    if lora_cfg is not None and primary:
-      log.info("wrote the LoRA adapters to %s", lora_train.export_adapters(result.state, lora_cfg, workdir / "lora"))
+    result = _run(_Run(config=config, workdir=workdir, state=state, iterator=iterator, compiled=compiled,
+                       step_flops=step_flops, null=null, frozen=frozen, ckpt=ckpt, peak=peak, sample_fn=sample_fn,
+                       primary=primary))
+    if primary:
+      exported = trainable.export(result.state, workdir)
+      if exported is not None:
+        log.info("exported %s", exported)
     return result
 
 
-def _run(config, workdir, state, iterator, compiled, step_flops, null, ckpt, peak, sample_fn, primary) -> RunResult:
+def _run(run: _Run) -> RunResult:
   from tqdm import tqdm
 
+  config, workdir, state, iterator, ckpt = run.config, run.workdir, run.state, run.iterator, run.ckpt
   step = int(state.step)
   last_saved = ckpt.latest_step()
   config_json = json.loads(config.to_json_best_effort())
-  writer = MetricWriter(workdir, enabled=primary)
+  writer = MetricWriter(workdir, enabled=run.primary)
   pending: list[tuple[int, dict, str]] = []
   window_start, last = time.perf_counter(), {}
   preempted = False
-  bar = tqdm(total=config.steps, initial=step, disable=not primary, desc="train", dynamic_ncols=True)
+  bar = tqdm(total=config.steps, initial=step, disable=not run.primary, desc="train", dynamic_ncols=True)
 
   def flush() -> None:
     nonlocal window_start, last
@@ -302,15 +297,15 @@ def _run(config, workdir, state, iterator, compiled, step_flops, null, ckpt, pea
           f"loss is {history[[s for s, _ in history].index(bad)][1]['loss']} at step {bad}: stopping without "
           f"saving this state; the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
     elapsed = time.perf_counter() - window_start
-    n, fl = len(pending), sum(step_flops[b] for _, _, b in pending)
+    n, fl = len(pending), sum(run.step_flops[b] for _, _, b in pending)
     per_dev = fl / elapsed / jax.device_count()
     for s, m in history[:-1]:
       writer.write_scalars(s, m)
     s, m = history[-1]
     extra = {"step_time": elapsed / n, "examples_per_sec": n * config.data.batch_size / elapsed,
              "tflops_per_device": per_dev / 1e12}
-    if peak:
-      extra["mfu"] = per_dev / peak
+    if run.peak:
+      extra["mfu"] = per_dev / run.peak
     last = dict(m, **extra)
     writer.write_scalars(s, last)
     bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", s_per_step=f"{elapsed / n:.3f}")
@@ -333,7 +328,8 @@ def _run(config, workdir, state, iterator, compiled, step_flops, null, ckpt, pea
           raise RuntimeError(f"the data iterator is at step {batch['step']} but the train state at {step}: "
                              "restore both from the same checkpoint")
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          state, metrics = compiled[batch["bucket"]](state, {k: batch[k] for k in BATCH_KEYS}, null)
+          state, metrics = run.compiled[batch["bucket"]](state, {k: batch[k] for k in BATCH_KEYS}, run.null,
+                                                         run.frozen)
         step += 1
         bar.update(1)
         pending.append((step, metrics, batch["bucket"]))
@@ -351,8 +347,8 @@ def _run(config, workdir, state, iterator, compiled, step_flops, null, ckpt, pea
           preempted = True
           log.warning("stopping at step %d (preemption): checkpoint saved", step)
           break
-        if sample_fn is not None and config.sample.every and step % config.sample.every == 0:
-          images = sample_fn(state.ema if state.ema is not None else state.params, step)
+        if run.sample_fn is not None and config.sample.every and step % config.sample.every == 0:
+          images = run.sample_fn(state.ema if state.ema is not None else state.params, step)
           writer.write_images(step, images)
           window_start = time.perf_counter()
       flush()

@@ -1,6 +1,7 @@
 """The sampling grid drawn during training with the weights being trained (off unless `sample.every` > 0)."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -9,25 +10,25 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pixart_jax.train import state as state_lib
+from pixart_jax.models.spec import ModelSpec
 
 SampleFn = Callable[[Any, int], dict]  # (params as nnx.State, step) -> {name: uint8 (H, W, 3)}
 
 
-def make_sample_fn(sample_cfg, spec: state_lib.ModelSpec, graphdef, mesh, rules, caption_len: int) -> SampleFn:
+def make_sample_fn(sample_cfg, spec: ModelSpec, graphdef, mesh, rules, caption_len: int) -> SampleFn:
   """A SampleFn drawing `sample.prompts` with the weights being trained.
 
   The prompts (and "" for guidance) are encoded ONCE with the T5 of `sample.pipeline` (a diffusers PixArt-Sigma
   pipeline dir / Hub id with text_encoder/, tokenizer/, vae/), then the encoder is dropped; each call runs
   `sample.sampler` for `sample.num_steps` steps with CFG `sample.guidance` from fixed noise (seed
-  `sample.seed`) at the model's square size and decodes with the pipeline's VAE: one jitted program, every
-  process takes part, process 0 gets a grid image {"samples": uint8 (rows*H, 4*W, 3)}.
+  `sample.seed`) at the model's square size (`diffusion.denoise`, the Pipeline's program) and decodes with the
+  pipeline's VAE: one jitted program, every process takes part, process 0 gets a contact sheet
+  {"samples": uint8 (rows*H, 4*W, 3)}.
   """
   from pixart_jax.convert.vae_keys import load_vae
-  from pixart_jax.diffusion import samplers
-  from pixart_jax.diffusion.guidance import cfg_model_fn
+  from pixart_jax.diffusion.denoise import denoise
+  from pixart_jax.images import contact_sheet, to_uint8
   from pixart_jax.models.text_encoder import TextEncoder
-  from pixart_jax.images import to_uint8
   from pixart_jax.pipeline import initial_noise
 
   if not sample_cfg.pipeline:
@@ -44,29 +45,22 @@ def make_sample_fn(sample_cfg, spec: state_lib.ModelSpec, graphdef, mesh, rules,
   vae_graph, vae_state = nnx.split(vae)
   size = spec.cfg.sample_size
   noise = replicate(initial_noise(sample_cfg.seed, len(prompts), (size, size, spec.cfg.in_channels)))
-  sampler, steps, scale = sample_cfg.sampler, sample_cfg.num_steps, float(sample_cfg.guidance)
+  guidance = float(sample_cfg.guidance)
+  scale = replicate(np.float32(guidance))
+  sample = functools.partial(denoise, graphdef, sampler=sample_cfg.sampler, steps=sample_cfg.num_steps)
 
   @jax.jit
-  def draw(params, vae_params, x_T, cond, uncond):
-    model = nnx.merge(graphdef, params)
-    model_fn = cfg_model_fn(lambda x, t, y, m: model(x, t, y, m), cond, uncond, scale)
-    z = samplers.sample(sampler, model_fn, x_T, num_steps=steps)
+  def draw(params, vae_params, x_T, cond, uncond, scale):
+    z = sample(params, x_T, cond, uncond, scale, None)
     dec = nnx.merge(vae_graph, vae_params)
     return dec.decode(dec.unscale_latent(z)).astype(jnp.float32)
 
   def sample_fn(params, step: int) -> dict:
     del step
-    images = draw(params, vae_state, noise, cond, uncond)
+    images = draw(params, vae_state, noise, cond, uncond if guidance != 1.0 else None, scale)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       images = multihost_utils.process_allgather(images, tiled=True)
-    images = to_uint8(images)
-    n, h, w, c = images.shape
-    cols = min(4, n)
-    rows = -(-n // cols)
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
-    for i, img in enumerate(images):
-      grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
-    return {"samples": grid}
+    return {"samples": np.asarray(contact_sheet(to_uint8(images), cols=min(4, len(prompts))))}
 
   return sample_fn

@@ -8,7 +8,7 @@ every leaf; the step, the RNG and optimizer counters are replicated.
 Creation follows shapes -> shardings -> `jax.jit(init, out_shardings=...)` (nothing is ever materialised whole on
 one device):
 
-  spec = ModelSpec(cfg, dtype=jnp.bfloat16)             # static: graphdef + abstract parameters
+  spec = models.spec.ModelSpec(cfg, dtype=jnp.bfloat16)  # static: graphdef + abstract parameters
   abstract = jax.eval_shape(partial(init_state, spec=spec, tx=tx, ema=True), key)
   shardings = state_shardings(abstract, mesh, rules)
   state = jax.jit(partial(init_state, ...), out_shardings=shardings)(key)
@@ -24,8 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pixart_jax.models.config import DiTConfig
-from pixart_jax.models.dit import PixArtSigma
+from pixart_jax.models.spec import ModelSpec
 from pixart_jax.parallel import sharding as sharding_lib
 from pixart_jax.train.ema import ema_init
 
@@ -44,28 +43,6 @@ class TrainState:
 
 jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "opt_state", "ema", "rng"],
                                  meta_fields=[])
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """How to build the model (static): architecture, dtypes, remat policy, scan."""
-  cfg: DiTConfig
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  remat: str = "none"
-  scan: bool = True
-
-  def build(self, rngs: nnx.Rngs) -> PixArtSigma:
-    return PixArtSigma(self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, scan=self.scan,
-                       rngs=rngs)
-
-  def split(self) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, abstract params) of the model; the graphdef is what the train step merges params into."""
-    abstract = nnx.eval_shape(lambda: self.build(nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-      raise ValueError(f"the model has non-Param state the train state does not carry: {rest}")
-    return graphdef, params
 
 
 def split_key(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -110,9 +87,9 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 
 
 def parameter_overview(params: Any) -> str:
-  """A table of parameter groups: count, shapes and shardings (logged once at startup)."""
+  """A table of parameter groups (an nnx.State or a nested dict): count, shapes and shardings (logged at startup)."""
   rows, total = [], 0
-  for path, v in nnx.to_flat_state(params):
+  for path, v in nnx.to_flat_state(params if isinstance(params, nnx.State) else nnx.State(params)):
     arr = v.get_value() if isinstance(v, nnx.Variable) else v
     n = int(np.prod(arr.shape))
     total += n

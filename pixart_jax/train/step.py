@@ -1,4 +1,4 @@
-"""The train step: a pure module-level function `(state, batch, null_caption) -> (state, metrics)`.
+"""The train step: a pure module-level function `(state, batch, null_caption, frozen) -> (state, metrics)`.
 
 Axis legend: B batch (global), K micro-batches (gradient accumulation), M = B / K, H W latent height/width,
 C latent channels, S caption tokens, Dc caption width.
@@ -13,8 +13,9 @@ Gradient accumulation: the batch is split into K strided micro-batches (example 
 each device's slice splits evenly and no data moves) and `lax.scan` sums their gradients; since the noise is drawn
 per example before the split, K changes only the summation order, not the loss.
 
-`make_train_step` binds the static parts (graphdef, optimizer, schedule, settings); the loop jits the result once
-per bucket shape with explicit in/out shardings and `donate_argnums=0`.
+`make_train_step` binds the static parts (graphdef, optimizer, schedule, settings, the trainable's params function);
+the loop jits the result once per bucket shape with `jit_train_step` (explicit in/out shardings, the state donated).
+`frozen` is what the trainable keeps fixed (LoRA: the base weights; full fine-tuning: the empty tuple).
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def _loss_fn(params, mb: Batch, null_caption, *, graphdef, schedule: DiffusionSc
   """Mean IDDPM loss of one micro-batch and its (loss, mse, vb) means.
 
   params_fn: None = `params` are the model's; else the model runs on `params_fn(params, frozen)` (LoRA: the
-  trainable adapters applied to the frozen base weights inside the loss, so only the adapters get gradients)."""
+  trained adapters applied to the frozen base weights inside the loss, so only the adapters get gradients)."""
   model = nnx.merge(graphdef, params if params_fn is None else params_fn(params, frozen))
   drop = mb["drop"] if cfg.class_dropout_prob > 0 else None
   out = model(mb["x_t"], mb["t"], mb["caption"], mb["mask"], caption_drop=drop,
@@ -78,17 +79,18 @@ def _loss_fn(params, mb: Batch, null_caption, *, graphdef, schedule: DiffusionSc
   return aux["loss"], aux
 
 
-def train_step(state: TrainState, batch: Batch, null_caption: jax.Array, *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, lr_schedule: optax.Schedule, schedule: DiffusionSchedule,
-               cfg: StepConfig, params_fn: Callable | None = None,
-               frozen: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(state: TrainState, batch: Batch, null_caption: jax.Array, frozen: Any = (), *,
+               graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+               schedule: DiffusionSchedule, cfg: StepConfig,
+               params_fn: Callable | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update.
 
   Args:
     state: the train state (donated by the caller's jit).
     batch: latents (B H W C) float, caption (B S Dc), mask (B S) int; B divisible by cfg.grad_accum.
     null_caption: (S, Dc) the caption embedding of the empty prompt (CFG dropout target).
-    params_fn, frozen: LoRA hook (see `_loss_fn`): state.params are then the adapters, `frozen` the base weights.
+    frozen: the trainable's fixed inputs (a pytree, () for full fine-tuning); params_fn: its map (trained params,
+      frozen) -> model params, None when the trained params are the model's (see `_loss_fn`).
   Returns:
     (new state, metrics): float32 scalars {loss, loss_mse, loss_vb, grad_norm (before clipping),
     param_norm (after the update), update_norm, lr (of this update)}.
@@ -139,14 +141,18 @@ def train_step(state: TrainState, batch: Batch, null_caption: jax.Array, *, grap
 
 
 def make_train_step(*, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                    schedule: DiffusionSchedule | None = None, cfg: StepConfig = StepConfig()) -> Callable:
-  """`train_step` with its static parts bound: `(state, batch, null_caption) -> (state, metrics)`."""
+                    schedule: DiffusionSchedule | None = None, cfg: StepConfig = StepConfig(),
+                    params_fn: Callable | None = None) -> Callable:
+  """`train_step` with its static parts bound: `(state, batch, null_caption, frozen) -> (state, metrics)`."""
   return functools.partial(train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
-                           schedule=schedule or DiffusionSchedule.linear(), cfg=cfg)
+                           schedule=schedule or DiffusionSchedule.linear(), cfg=cfg, params_fn=params_fn)
 
 
-def jit_train_step(step_fn: Callable, state_shardings: Any, batch_sharding: Any, mesh: jax.sharding.Mesh):
-  """jax.jit with explicit in/out shardings, the state donated; metrics replicated."""
+def jit_train_step(step_fn: Callable, state_shardings: Any, batch_sharding: Any, mesh: jax.sharding.Mesh,
+                   frozen_shardings: Any = ()):
+  """jax.jit of `step_fn(state, batch, null_caption, frozen)` with explicit in/out shardings: the state donated
+  (the frozen inputs never are), the null caption and the metrics replicated. Call it with all four arguments
+  (frozen: () for full fine-tuning)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, replicated),
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, replicated, frozen_shardings),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
