@@ -2,17 +2,15 @@
 equals ours with the same initial latents."""
 import jax
 import numpy as np
-import torch
 from flax import nnx
 
 import pixart_jax as pj
 from pixart_jax.convert.pipeline_export import export_pipeline
 from pixart_jax.testing import make_tiny_pipeline
+from train_testlib import assert_matches_diffusers
 
 
 def test_export_pipeline_round_trip(tmp_path):
-  from diffusers import PixArtSigmaPipeline
-
   base = make_tiny_pipeline(tmp_path / "base", seed=3)
   ours = pj.Pipeline.from_pretrained(base, dtype=np.float32)
   # Stand-in for a fine-tune: perturb every DiT parameter.
@@ -20,14 +18,7 @@ def test_export_pipeline_round_trip(tmp_path):
     v.set_value(v.get_value() + 0.02 * jax.random.normal(jax.random.key(v.get_value().size), v.get_value().shape))
   ours = pj.Pipeline(ours.text_encoder, ours.transformer, ours.vae)
   out = export_pipeline(ours.transformer, base, tmp_path / "export")
-  ref = PixArtSigmaPipeline.from_pretrained(out, torch_dtype=torch.float32)
-  ref.set_progress_bar_config(disable=True)
-  lat = np.random.default_rng(0).standard_normal((1, 32, 32, 4)).astype(np.float32)
-  want = ref(["a cat on a sofa"], height=256, width=256, num_inference_steps=5, guidance_scale=4.5,
-             latents=torch.from_numpy(lat.transpose(0, 3, 1, 2).copy()), output_type="np", clean_caption=False).images
-  want = np.round(np.clip(want, 0, 1) * 255).astype(np.uint8)
-  got = ours(["a cat on a sofa"], height=256, width=256, steps=5, guidance_scale=4.5, latents=lat)
-  assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+  got, lat = assert_matches_diffusers(ours, out)
   base_img = pj.Pipeline.from_pretrained(base, dtype=np.float32)(["a cat on a sofa"], height=256, width=256, steps=5,
                                                                   guidance_scale=4.5, latents=lat)
   assert np.abs(base_img.astype(int) - got.astype(int)).mean() > 0.5  # the export carries the modified weights

@@ -85,3 +85,22 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def assert_matches_diffusers(ours, pipeline_dir, *, prompt: str = "a cat on a sofa", size: int = 256,
+                             steps: int = 5, guidance: float = 4.5, tol: int = 2):
+  """`ours` (a pixart_jax.Pipeline) and diffusers' PixArtSigmaPipeline loaded from `pipeline_dir` (fp32) draw
+  `prompt` from the same initial latents (seed 0) within `tol` uint8 levels; returns (our images, the latents)."""
+  import numpy as np
+  import torch
+  from diffusers import PixArtSigmaPipeline
+
+  ref = PixArtSigmaPipeline.from_pretrained(pipeline_dir, torch_dtype=torch.float32)
+  ref.set_progress_bar_config(disable=True)
+  lat = np.random.default_rng(0).standard_normal((1, size // 8, size // 8, 4)).astype(np.float32)
+  want = ref([prompt], height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+             latents=torch.from_numpy(lat.transpose(0, 3, 1, 2).copy()), output_type="np", clean_caption=False).images
+  want = np.round(np.clip(want, 0, 1) * 255).astype(np.uint8)
+  got = ours([prompt], height=size, width=size, steps=steps, guidance_scale=guidance, latents=lat)
+  assert np.abs(got.astype(int) - want.astype(int)).max() <= tol
+  return got, lat

@@ -1,25 +1,5 @@
-r"""Weak-to-strong stage: upscale_2k3
-
-Start: the previous stage's training workdir (`--config.init_from WORKDIR`: its newest checkpoint, the EMA if
-the run kept one, else the params), loaded into THIS config by the documented non-strict rules (`convert.ours`):
-upscale_2k4
-
-Chain (README.md): vae_adapt_256 -> upscale_512 -> upscale_1024 -> {upscale_2k, kv_compress_1024}
-
-  python -m pixart_jax.train --config configs/weak_to_strong/upscale_2k.py \
-      --workdir gs://B/w2s/2k --config.data.dir gs://B/data/2k --config.init_from gs://B/w2s/1024
-CPU smoke run (from the previous smoke stage's workdir):
-  python -m pixart_jax.train --config configs/weak_to_strong/upscale_2k.py:smoke,init_from=/tmp/w2s_1024 --workdir /tmp/w2s_2k
-"""
-import importlib.util
+"""Weak-to-strong stage `upscale_2k`: its documentation and config come from the stage table in `_stage.py`."""
 import pathlib
+import runpy
 
-_spec = importlib.util.spec_from_file_location("_w2s_stage", pathlib.Path(__file__).with_name("_stage.py"))
-_stage = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_stage)
-
-
-def get_config(arg=None):
-  arg = _stage.load_common().parse_arg(arg, smoke=False, init_from="")
-  return _stage.stage(preset="sigma-xl2-2k-ms", table="2048", batch_size=64, warmup=1000, lr=2e-5, steps=5_000, res=2048,
-                      interpolation=4.0, init_from=None, arg=arg, kv=False)
+__doc__, get_config = runpy.run_path(str(pathlib.Path(__file__).with_name("_stage.py")))["recipe"]("upscale_2k")
