@@ -89,3 +89,29 @@ def test_merged_model_is_base_plus_adapters(trained):
   got, want = merged_model(x, t, y, mask), on_the_fly(x, t, y, mask)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   assert np.abs(np.asarray(got) - np.asarray(base_model(x, t, y, mask))).max() > 1e-4
+
+
+def test_the_config_picks_the_kind_of_training():
+  """`trainables.select`: full fine-tuning (nothing frozen, no params function) unless config.lora has a rank;
+  LoRA checks its needs up front, naming the field."""
+  from pixart_jax.train import trainables
+  from pixart_jax.train.trainables.full import FullTrainable
+
+  config = smoke_config()
+  spec = loop.model_spec(config.model)
+  full = trainables.select(config, spec)
+  assert type(full) is FullTrainable and full.frozen() == ((), ()) and full.params_fn is None
+  assert full.export(None, "/nowhere") is None
+  config.lora = mlc.ConfigDict(dict(rank=2, alpha=4.0, targets=lora.ATTENTION_TARGETS, rslora=False))
+  with pytest.raises(ValueError, match="config.lora.*needs config.init_from"):
+    trainables.select(config, spec)
+  config.init_from = "/some/base"
+  kind = trainables.select(config, spec)
+  assert type(kind) is lora_train.LoraTrainable and kind.cfg == lora.LoraConfig(rank=2, alpha=4.0)
+  assert kind.params_fn is not None and kind.label == "LoRA"
+  config.sample.every = 5
+  with pytest.raises(ValueError, match=r"sample.every > 0\) is not supported with config.lora"):
+    trainables.select(config, spec)
+  config.sample.every, config.lora.rank = 0, 0
+  with pytest.raises(ValueError, match="lora.rank must be >= 1, got 0"):
+    trainables.select(config, spec)
