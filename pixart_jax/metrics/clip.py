@@ -84,8 +84,6 @@ class CLIPTowerConfig:
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
                        f"{self.num_attention_heads}")
-    if self.image_size and self.image_size % self.patch_size:
-      raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
 
   @property
   def head_dim(self) -> int:
@@ -246,8 +244,8 @@ class CLIPTextTransformer(nnx.Module):
       raise ValueError(f"input_ids have {s} tokens, more than max_position_embeddings="
                        f"{self.cfg.max_position_embeddings}")
     tok = jnp.take(self.embeddings["token_embedding"].embedding[...], input_ids, axis=0)
-    pos = self.embeddings["position_embedding"].embedding[:s]
-    x = constrain((tok + pos).astype(jnp.float32), ("batch", None, None))
+    x = tok + self.embeddings["position_embedding"].embedding[:s]
+    x = constrain(x.astype(jnp.float32), ("batch", None, None))
     allowed = jnp.tril(jnp.ones((s, s), bool))[None, None]                       # 1 1 S S (query, key)
     if attention_mask is not None:
       allowed = allowed & (attention_mask[:, None, None, :] > 0)                 # B 1 S S
@@ -255,8 +253,8 @@ class CLIPTextTransformer(nnx.Module):
     x = self.final_layer_norm(self.encoder(x, bias))
     ids = input_ids.astype(jnp.int32)
     eos = self.cfg.eos_token_id
-    pos = jnp.argmax(ids, axis=-1) if eos == _LEGACY_EOS else jnp.argmax(ids == eos, axis=-1)
-    return x[jnp.arange(b), pos]
+    at = jnp.argmax(ids, axis=-1) if eos == _LEGACY_EOS else jnp.argmax(ids == eos, axis=-1)   # B
+    return x[jnp.arange(b), at]
 
 
 class CLIPVisionTransformer(nnx.Module):

@@ -115,7 +115,8 @@ def pil_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     total = k.sum()
     if total != 0.0:
       k = k / total
-    w[i, lo:hi] = np.where(k < 0, np.trunc(-0.5 + k * (1 << _PRECISION_BITS)), np.trunc(0.5 + k * (1 << _PRECISION_BITS)))
+    fixed = k * (1 << _PRECISION_BITS)
+    w[i, lo:hi] = np.trunc(np.where(fixed < 0, fixed - 0.5, fixed + 0.5))  # round half away from zero
   return (w / (1 << _PRECISION_BITS)).astype(np.float32)
 
 

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixart_jax.convert.clip_keys import CLIP_FILES, load_clip
 from pixart_jax.convert.hub import resolve_local
 from pixart_jax.metrics.clip import CLIPModel
 from pixart_jax.metrics.clip_preprocess import CLIPImageConfig, clip_preprocess
@@ -89,6 +88,8 @@ class CLIPScorer:
                       precision=jax.lax.Precision.HIGHEST, progress: bool = False) -> "CLIPScorer":
     """src: a transformers CLIPModel directory (config.json, weights, tokenizer files, preprocessor_config.json)
     or a Hub id such as openai/clip-vit-large-patch14 (torchmetrics' default)."""
+    from pixart_jax.convert.clip_keys import CLIP_FILES, load_clip  # convert/ imports this package's models
+
     local = resolve_local(src, allow_patterns=CLIP_FILES)
     model = load_clip(local, dtype=dtype, param_dtype=param_dtype, precision=precision, mesh=mesh, rules=rules,
                       progress=progress)
