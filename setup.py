@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "sentencepiece>=0.2",
     "tensorboardX>=2.6",
     "scikit-learn>=1.4",    # the embedded demo's dataset and classifier
+    "scipy>=1.11",          # FID: the matrix square root of pytorch-fid's Frechet distance
 ]
 
 EXTRAS = {

@@ -28,9 +28,9 @@ flags.DEFINE_string("negative", "", "Negative prompt.")
 flags.DEFINE_string("size", None, "WIDTHxHEIGHT in pixels (default: the checkpoint's resolution). Binned to the "
                     "closest aspect-ratio bucket, then resized and center-cropped back.")
 flags.DEFINE_integer("steps", None, "Sampling steps (default per sampler: dpm-solver 20, sa-solver 25, iddpm 100, "
-                     "ddim 50).")
-flags.DEFINE_enum("sampler", "dpm-solver", ["dpm-solver", "dpm-solver-official", "sa-solver", "iddpm", "ddim"],
-                  "Sampler.")
+                     "ddim 50, lcm 4).")
+flags.DEFINE_enum("sampler", "dpm-solver", ["dpm-solver", "dpm-solver-official", "sa-solver", "iddpm", "ddim", "lcm"],
+                  "Sampler (lcm: only for consistency-distilled models, e.g. PixArt-LCM or `train` distillation).")
 flags.DEFINE_float("guidance", 4.5, "Classifier-free guidance scale (<= 1 disables guidance).")
 flags.DEFINE_enum("guidance_mode", "diffusers", ["diffusers", "official"], "Mask of the unconditional branch: its "
                   "own (diffusers) or the prompt's (official PixArt).")

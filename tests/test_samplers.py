@@ -16,14 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, SASolverScheduler
-from diffusers.schedulers import scheduling_sasolver
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler, SASolverScheduler
+from diffusers.schedulers import scheduling_lcm, scheduling_sasolver
 
 from pixart_jax.diffusion import guidance
 from pixart_jax.diffusion.samplers import (DEFAULT_STEPS, SAMPLERS, sample, sample_ddim,
                                            sample_dpm_solver, sample_dpm_solver_official,
-                                           sample_iddpm, sample_sa_solver)
+                                           sample_iddpm, sample_lcm, sample_sa_solver)
 from pixart_jax.diffusion.samplers.dpm_solver import diffusers_timesteps
+from pixart_jax.diffusion.samplers.lcm import lcm_timesteps
 from pixart_jax.diffusion.schedule import DiffusionSchedule
 from reference_samplers import analytic_model, official_dpm_solver_pp, official_iddpm_p_sample_loop
 
@@ -235,10 +236,90 @@ def test_ddim_matches_diffusers(spacing, set_alpha_to_one, eta, steps):
   assert _worst_rel(traj, ref) < TOL
 
 
+# ------------------------------------------------------------------ LCM
+
+# LCM returns c_out x0_hat + c_skip x at every step, x0_hat = (x - sqrt(1 - acp) eps) / sqrt(acp): at t = 999 the
+# model's own fp32 rounding is amplified 1 / sqrt(acp_999) ~ 156x with nothing to damp it (DDIM multiplies x0_hat
+# by sqrt(acp_prev) next), so the fp32-vs-float64 bound is 1e-5 here (measured 2.1e-6 worst).
+LCM_TOL = 1e-5
+
+
+def _lcm_scheduler(original_steps=50, scaling=10.0):
+  """PixArt-LCM's scheduler config (linear betas 1e-4 -> 0.02, epsilon, set_alpha_to_one)."""
+  return LCMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                      original_inference_steps=original_steps, clip_sample=False, set_alpha_to_one=True,
+                      steps_offset=0, prediction_type="epsilon", timestep_scaling=scaling)
+
+
+@pytest.mark.parametrize("steps,original_steps,scaling", [(2, 50, 10.0), (4, 50, 10.0),
+                                                          (8, 50, 10.0), (3, 37, 4.0), (50, 50, 10.0)])
+def test_lcm_matches_diffusers(steps, original_steps, scaling):
+  sched = _lcm_scheduler(original_steps, scaling)
+  sched.alphas_cumprod = torch.from_numpy(ACP)  # same float64 table as ours
+  sched.set_timesteps(steps)
+  np.testing.assert_array_equal(lcm_timesteps(steps, 1000, original_steps), sched.timesteps.numpy())
+  noise = _noise(steps)
+  gen = iter(range(steps))
+  # diffusers draws the re-noising with randn_tensor: feed it our noise of step i instead.
+  orig = scheduling_lcm.randn_tensor
+  scheduling_lcm.randn_tensor = lambda *a, **k: _nchw(noise[next(gen)], torch.float64)
+  try:
+    ref = _diffusers_loop(sched, steps, torch.float64)
+  finally:
+    scheduling_lcm.randn_tensor = orig
+  extra = {"noise": jnp.asarray(noise)} if steps > 1 else {}
+  _, traj = _run(sample_lcm, learn_sigma=True, num_steps=steps, original_inference_steps=original_steps,
+                 timestep_scaling=scaling, **extra)
+  assert _worst_rel(traj, ref) < LCM_TOL
+
+
+def test_lcm_one_step_is_the_boundary_condition():
+  """One step returns f(x_T, 999) = c_out x0_hat + c_skip x_T (float64 reference = diffusers on the float64 table).
+
+  In float32 x_T - sqrt(1 - acp) eps cancels: both terms are O(1), their difference O(sqrt(acp_999) = 0.0064), so
+  one rounding of either term (6e-8) becomes ~1e-5 of the result whatever the order of operations (diffusers'
+  float32 loop has the same error). Bound: 1e-4 (measured 2.8e-5)."""
+  x = _x_T()
+  ours = np.asarray(jax.jit(lambda x: sample_lcm(_jax_model(True), x, num_steps=1))(x))
+  sched = _lcm_scheduler()
+  sched.alphas_cumprod = torch.from_numpy(ACP)
+  sched.set_timesteps(1)
+  ref = _diffusers_loop(sched, 1, torch.float64)[-1]
+  assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_lcm_matches_stock_diffusers_and_known_grid():
+  np.testing.assert_array_equal(lcm_timesteps(4), [999, 759, 499, 259])
+  sched = _lcm_scheduler()
+  sched.set_timesteps(4)  # its own float32 table and loop
+  noise = _noise(4)
+  gen = iter(range(4))
+  orig = scheduling_lcm.randn_tensor
+  scheduling_lcm.randn_tensor = lambda *a, **k: _nchw(noise[next(gen)], torch.float32)
+  try:
+    ref = _diffusers_loop(sched, 4, torch.float32)
+  finally:
+    scheduling_lcm.randn_tensor = orig
+  _, traj = _run(sample_lcm, num_steps=4, noise=jnp.asarray(noise))
+  assert _worst_rel(traj, ref) < 1e-4
+
+
+def test_lcm_bad_inputs():
+  m, x = _jax_model(), jnp.asarray(_x_T())
+  with pytest.raises(ValueError, match="exceeds the 50 timesteps of the distillation grid"):
+    sample_lcm(m, x, num_steps=51, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="original_inference_steps must lie in"):
+    sample_lcm(m, x, num_steps=2, original_inference_steps=0, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="lcm with more than one step is stochastic"):
+    sample_lcm(m, x, num_steps=2)
+  one = np.asarray(jax.jit(lambda x: sample_lcm(m, x, num_steps=1))(x))  # one step: no key needed
+  assert np.isfinite(one).all()
+
+
 # ------------------------------------------------------------------ one program per sampler
 
 _EXTRA = {"ddim": {"eta": 0.5}}  # exercise the key-driven noise of every stochastic sampler
-_STOCHASTIC = {"sa-solver", "iddpm", "ddim"}
+_STOCHASTIC = {"sa-solver", "iddpm", "ddim", "lcm"}
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
@@ -276,9 +357,9 @@ def test_single_trace_and_single_loop(name):
 
 def test_registry():
   assert DEFAULT_STEPS == {"dpm-solver": 20, "dpm-solver-official": 20, "sa-solver": 25,
-                           "iddpm": 100, "ddim": 50}
+                           "iddpm": 100, "ddim": 50, "lcm": 4}
   assert set(SAMPLERS) == set(DEFAULT_STEPS)
-  with pytest.raises(ValueError, match="dpm-solver, dpm-solver-official, sa-solver, iddpm, ddim"):
+  with pytest.raises(ValueError, match="dpm-solver, dpm-solver-official, sa-solver, iddpm, ddim, lcm"):
     sample("euler", _jax_model(), jnp.asarray(_x_T()))
   x = jnp.asarray(_x_T())
   a, b = jax.jit(lambda x: (sample("ddim", _jax_model(), x, num_steps=5),

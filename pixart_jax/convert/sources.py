@@ -1,4 +1,4 @@
-"""Lazy read-only tensor sources: safetensors (single / sharded), torch zip `.pth`, in-memory dicts.
+"""Lazy read-only tensor sources: safetensors (single / sharded), torch `.pth` (zip or legacy), in-memory dicts.
 
     with open_tensors("PixArt-Sigma-XL-2-1024-MS.pth") as src:      # or a .safetensors / index json / dir
       for key in src.keys():
@@ -21,7 +21,9 @@ from typing import Any, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from pixart_jax.convert.torch_pickle import _TORCH_DTYPES, TorchTensorRef, TorchZipArchive, empty_aligned
+from pixart_jax.convert.torch_legacy import TorchLegacyArchive
+from pixart_jax.convert.torch_pickle import (_TORCH_DTYPES, TorchTensorRef, TorchZipArchive, empty_aligned,
+                                             is_legacy_torch_file)
 
 __all__ = ["empty_aligned", "TensorSource", "DictSource", "SafetensorsSource", "TorchSource", "ShardedSource",
            "open_tensors", "SAFETENSORS_DTYPES", "TORCH_SUFFIXES"]
@@ -246,11 +248,12 @@ def _select(obj, subkey: str | None, path: str) -> tuple[dict[str, TorchTensorRe
 
 
 class TorchSource(TensorSource):
-  """A `torch.save` zip checkpoint read by the safe unpickler (`torch_pickle`); torch is not imported."""
+  """A `torch.save` checkpoint read by the safe unpickler (`torch_pickle`); torch is not imported.
+  Both the zip format (torch >= 1.6) and the legacy one (`torch_legacy`) are read."""
 
   def __init__(self, path, *, subkey: str | None = "auto"):
     self.path = pathlib.Path(path)
-    self._archive = TorchZipArchive(self.path)
+    self._archive = (TorchLegacyArchive if is_legacy_torch_file(self.path) else TorchZipArchive)(self.path)
     try:
       self._t, self.subkey = _select(self._archive.obj, subkey, str(self.path))
     except BaseException:
@@ -333,7 +336,7 @@ def _open_file(path: pathlib.Path, subkey) -> TensorSource:
     return _safetensors(path, subkey)
   with open(path, "rb") as f:
     magic = f.read(4)
-  if magic == b"PK\x03\x04" or path.suffix in TORCH_SUFFIXES:
+  if magic == b"PK\x03\x04" or path.suffix in TORCH_SUFFIXES or is_legacy_torch_file(path):
     return TorchSource(path, subkey=subkey)
   try:
     return _safetensors(path, subkey)
@@ -403,7 +406,8 @@ def _open_dir(d: pathlib.Path, subkey) -> TensorSource:
 
 def open_tensors(path, *, subkey: str | None = "auto") -> TensorSource:
   """Opens weights lazily. `path`: a `.safetensors` file, a `*.index.json` (sharded), a directory, or a
-  torch zip checkpoint (`.pth/.pt/.bin/.ckpt`, read without torch and without running pickled code).
+  torch checkpoint (`.pth/.pt/.bin/.ckpt`, zip or legacy format, read without torch and without running
+  pickled code).
 
   A directory is read through its `*.safetensors.index.json` if it has one, else as the union of all its
   `*.safetensors` (a key in two files is an error), else through a single torch file (or its index).

@@ -11,6 +11,7 @@ from pixart_jax.diffusion.samplers.ddim import sample_ddim
 from pixart_jax.diffusion.samplers.dpm_solver import sample_dpm_solver
 from pixart_jax.diffusion.samplers.dpm_solver_official import sample_dpm_solver_official
 from pixart_jax.diffusion.samplers.iddpm import sample_iddpm
+from pixart_jax.diffusion.samplers.lcm import sample_lcm
 from pixart_jax.diffusion.samplers.sa_solver import sample_sa_solver
 
 SAMPLERS = {
@@ -19,6 +20,7 @@ SAMPLERS = {
     "sa-solver": sample_sa_solver,
     "iddpm": sample_iddpm,
     "ddim": sample_ddim,
+    "lcm": sample_lcm,  # for consistency-distilled models only (PixArt-LCM, our distilled students)
 }
 
 DEFAULT_STEPS = {
@@ -27,6 +29,7 @@ DEFAULT_STEPS = {
     "sa-solver": 25,
     "iddpm": 100,
     "ddim": 50,
+    "lcm": 4,
 }
 
 
@@ -39,4 +42,4 @@ def sample(name: str, model_fn, x_T, num_steps: int | None = None, key=None, **k
 
 
 __all__ = ["SAMPLERS", "DEFAULT_STEPS", "sample", "sample_ddim", "sample_dpm_solver",
-           "sample_dpm_solver_official", "sample_iddpm", "sample_sa_solver"]
+           "sample_dpm_solver_official", "sample_iddpm", "sample_lcm", "sample_sa_solver"]
