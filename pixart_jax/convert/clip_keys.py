@@ -22,9 +22,7 @@ Key map (T = text_model | vision_model; PyTorch Linear (out, in) -> ours (in, ou
 """
 from __future__ import annotations
 
-import json
 import os
-import pathlib
 import re
 
 import jax
@@ -32,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixart_jax.convert.hub import resolve_local
+from pixart_jax.convert.hub import read_config, resolve_local
 from pixart_jax.convert.sources import open_tensors
 from pixart_jax.convert.strict import Put, load_into
 from pixart_jax.metrics.clip import CLIPConfig, CLIPModel
@@ -90,13 +88,7 @@ def clip_drop(key: str) -> bool:
 
 def read_clip_config(model_dir: str | os.PathLike) -> CLIPConfig:
   """CLIPConfig from a transformers `config.json`; errors name the file and the bad field."""
-  path = pathlib.Path(model_dir) / "config.json"
-  with open(path) as f:
-    raw = json.load(f)
-  try:
-    return CLIPConfig.from_hf_config(raw)
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"{path}: {e}") from None
+  return read_config(model_dir, CLIPConfig.from_hf_config)
 
 
 def load_clip(src: str | os.PathLike, *, config: CLIPConfig | None = None, dtype=jnp.float32, param_dtype=None,

@@ -6,12 +6,15 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
-__all__ = ["resolve_local", "parse_hub_id", "component_dir"]
+T = TypeVar("T")
+
+__all__ = ["resolve_local", "parse_hub_id", "component_dir", "read_config"]
 
 _PART = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9_])?"  # huggingface_hub's repo-id characters
 _HUB_ID = re.compile(rf"(?P<repo>{_PART}/{_PART})(?:@(?P<rev>[\w.-]+))?(?:/(?P<sub>[\w.-]+(?:/[\w.-]+)*))?")
@@ -71,3 +74,15 @@ def component_dir(path: str | os.PathLike, component: str, what: str) -> pathlib
   if (path / "config.json").is_file():
     return path
   raise FileNotFoundError(f"{path} holds neither a {what} config.json nor a {component}/ subfolder with one")
+
+
+def read_config(model_dir: str | os.PathLike, parse: Callable[[dict], T]) -> T:
+  """`parse` of `model_dir/config.json` (a transformers / diffusers config, e.g. `T5Config.from_hf_config`); a
+  ValueError or TypeError it raises is re-raised as one ValueError naming the file."""
+  path = pathlib.Path(model_dir) / "config.json"
+  with open(path) as f:
+    raw = json.load(f)
+  try:
+    return parse(raw)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{path}: {e}") from None

@@ -21,7 +21,6 @@ Anything else (a relative bias in block i > 0, as UMT5 has, unknown names) is an
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
@@ -31,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixart_jax.convert.hub import component_dir, resolve_local
+from pixart_jax.convert.hub import component_dir, read_config, resolve_local
 from pixart_jax.convert.sources import open_tensors
 from pixart_jax.convert.strict import Put, load_into
 from pixart_jax.models.t5 import T5Config, T5Encoder
@@ -103,13 +102,7 @@ def find_text_encoder_dir(path: pathlib.Path) -> pathlib.Path:
 
 def read_t5_config(text_encoder_dir: str | os.PathLike) -> T5Config:
   """T5Config from a transformers `config.json`; errors name the file and the bad field."""
-  path = pathlib.Path(text_encoder_dir) / "config.json"
-  with open(path) as f:
-    raw = json.load(f)
-  try:
-    return T5Config.from_hf_config(raw)
-  except ValueError as e:
-    raise ValueError(f"{path}: {e}") from None
+  return read_config(text_encoder_dir, T5Config.from_hf_config)
 
 
 def abstract_t5(config: T5Config, *, dtype=jnp.float32, param_dtype=jnp.float32,

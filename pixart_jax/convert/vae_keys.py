@@ -9,7 +9,6 @@ current names (`to_q/to_k/to_v/to_out.0`) and the legacy ones (`query/key/value/
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixart_jax.convert.hub import component_dir, resolve_local
+from pixart_jax.convert.hub import component_dir, read_config, resolve_local
 from pixart_jax.convert.sources import open_tensors
 from pixart_jax.convert.strict import Put, load_into
 from pixart_jax.models.vae import AutoencoderKL, VAEConfig
@@ -114,9 +113,7 @@ def load_vae(src: str | os.PathLike, *, config: VAEConfig | None = None, dtype=j
   local = resolve_local(src, allow_patterns=["vae/config.json", "vae/diffusion_pytorch_model*", "config.json",
                                              "diffusion_pytorch_model*"])
   vae_dir = find_vae_dir(local)
-  if config is None:
-    with open(vae_dir / "config.json") as f:
-      config = VAEConfig.from_hf_config(json.load(f))
+  config = config or read_config(vae_dir, VAEConfig.from_hf_config)
   abstract = nnx.eval_shape(lambda: AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   with open_tensors(_weights_path(vae_dir)) as source:
     return load_into(abstract, source, vae_keymap, mesh=mesh, rules=rules, progress=progress)
