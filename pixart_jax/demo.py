@@ -15,10 +15,12 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
 import time
+from typing import Any
 
 from absl import app, flags
 
@@ -55,7 +57,9 @@ class DemoTextEncoder:
     return emb * self.scale, mask
 
 
-def build_encoders(workdir: pathlib.Path, seed: int):
+def build_encoders(workdir: pathlib.Path, seed: int, *, reuse_tokenizer: bool = False):
+  """The demo's text encoder (tokenizer trained on the captions into `workdir/tokenizer`, or reloaded from there
+  when `reuse_tokenizer`; random T5 from `seed`) and its lossless pixel autoencoder."""
   import jax.numpy as jnp
   from flax import nnx
 
@@ -63,9 +67,12 @@ def build_encoders(workdir: pathlib.Path, seed: int):
   from pixart_jax.data.encoders import PixelEncoders
   from pixart_jax.models.t5 import T5Config, T5Encoder
   from pixart_jax.models.text_encoder import TextEncoder
-  from pixart_jax.models.tokenizer import build_t5_tokenizer
+  from pixart_jax.models.tokenizer import build_t5_tokenizer, load_tokenizer
 
-  tok = build_t5_tokenizer(demo_data.all_captions() * 8, workdir / "tokenizer", vocab_size=128)
+  if reuse_tokenizer:
+    tok = load_tokenizer(workdir / "tokenizer")
+  else:
+    tok = build_t5_tokenizer(demo_data.all_captions() * 8, workdir / "tokenizer", vocab_size=128)
   cfg = T5Config.tiny(vocab_size=max(128, tok.vocab_size), d_model=T5_WIDTH, d_ff=2 * T5_WIDTH, num_layers=2,
                       num_heads=4, d_kv=T5_WIDTH // 4)
   t5 = T5Encoder(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
@@ -100,6 +107,40 @@ def train_config(data_dir: str, *, steps: int, batch: int, seed: int):
   return c
 
 
+@dataclasses.dataclass
+class TrainedDemo:
+  """A finished demo run, reloaded: what the research features (metrics, ControlNet, distillation) build on.
+
+  `model` holds the EMA weights of the last checkpoint; `encoders.text` is the demo's T5 (same seed, same
+  tokenizer file), `encoders.decode` maps (B 4 4 12) latents to (B 8 8 3) images in [-1, 1].
+  """
+  workdir: pathlib.Path
+  config: Any  # the run's ml_collections ConfigDict (train_config)
+  spec: Any  # models.spec.ModelSpec
+  model: Any  # models.dit.PixArtSigma
+  encoders: Any  # data.encoders.PixelEncoders
+  report: dict
+
+
+def load_trained(workdir: str | pathlib.Path) -> TrainedDemo:
+  """Reloads the demo run in `workdir` (written by `python -m pixart_jax.demo --workdir DIR`)."""
+  from pixart_jax.convert.ours import load_ours
+  from pixart_jax.train.loop import model_spec
+
+  work = pathlib.Path(workdir).absolute()
+  report_file = work / "demo_report.json"
+  if not report_file.is_file():
+    raise FileNotFoundError(f"demo workdir {work}: no demo_report.json (run `python -m pixart_jax.demo --workdir "
+                            f"{work}` first)")
+  report = json.loads(report_file.read_text())
+  config = train_config(str(work / "data"), steps=report["train_steps"], batch=report["batch_size"],
+                        seed=report.get("seed", 0))
+  spec = model_spec(config.model)
+  model = load_ours(work / "train", spec)
+  return TrainedDemo(work, config, spec, model, build_encoders(work, report.get("seed", 0), reuse_tokenizer=True),
+                     report)
+
+
 def classifier():
   """An SVM on the real 8x8 digits; returns (model, held-out accuracy)."""
   from sklearn.model_selection import train_test_split
@@ -114,8 +155,10 @@ def classifier():
   return SVC(gamma=0.001, C=10).fit(x, y), held_out
 
 
-def sample_digits(result, spec, text, per_digit: int, guidance: float, seed: int):
-  """(guided latents, unguided latents, labels) for the prompts `caption(d, 0)`, per_digit each (same noise)."""
+def sample_digits(graphdef, params, text, per_digit: int, guidance: float, seed: int):
+  """(guided latents, unguided latents, labels) for the prompts `caption(d, 0)`, per_digit each (same noise).
+
+  `graphdef, params`: the split PixArtSigma (the EMA weights of a run)."""
   import functools
 
   import jax
@@ -125,8 +168,6 @@ def sample_digits(result, spec, text, per_digit: int, guidance: float, seed: int
   from pixart_jax.data import demo as demo_data
   from pixart_jax.diffusion.denoise import STATIC_ARGNAMES, denoise
 
-  graphdef, _ = spec.split()
-  params = result.state.ema if result.state.ema is not None else result.state.params
   labels = np.repeat(np.arange(10), per_digit)
   prompts = [demo_data.caption(int(d), 0) for d in labels]
   cond = text.encode_prompts(prompts)
@@ -176,8 +217,9 @@ def main(argv):
 
   print("[demo] 3/5 sampling 10 images per digit with DPM-Solver++ (20 steps), with and without guidance")
   t2 = time.perf_counter()
-  spec = model_spec(config.model)
-  guided, plain, labels = sample_digits(result, spec, enc.text, FLAGS.per_digit, FLAGS.guidance, FLAGS.seed + 1)
+  graphdef, _ = model_spec(config.model).split()
+  params = result.state.ema if result.state.ema is not None else result.state.params
+  guided, plain, labels = sample_digits(graphdef, params, enc.text, FLAGS.per_digit, FLAGS.guidance, FLAGS.seed + 1)
   images_g = enc.decode(guided)
   images_p = enc.decode(plain)
   times["sample_s"] = time.perf_counter() - t2
@@ -200,6 +242,7 @@ def main(argv):
   times["total_s"] = time.perf_counter() - t0
   report = {"adherence_guided": adh_g, "adherence_unguided": adh_p, "guidance_scale": FLAGS.guidance,
             "classifier_held_out_accuracy": held_out, "train_steps": FLAGS.steps, "batch_size": FLAGS.batch_size,
+            "seed": FLAGS.seed,
             "final_loss": float(result.last_metrics.get("loss", float("nan"))), "samples": str(out),
             "devices": jax.device_count(), **{k: round(v, 1) for k, v in times.items()}}
   (work / "demo_report.json").write_text(json.dumps(report, indent=2))

@@ -14,3 +14,35 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+from train_testlib import run_demo  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_demo_dir(tmp_path_factory) -> pathlib.Path:
+  """The full default demo (4,000 steps, ~5 min on 2 cores), trained ONCE per test session and shared read-only
+  by every test that builds on a trained model (adherence, metrics, ControlNet, distillation).
+
+  PIXART_TEST_DEMO_DIR names a finished demo workdir to reuse across sessions instead (for development);
+  tests must never write into it.
+  """
+  reuse = os.environ.get("PIXART_TEST_DEMO_DIR")
+  if reuse:
+    work = pathlib.Path(reuse)
+    assert (work / "demo_report.json").is_file(), f"PIXART_TEST_DEMO_DIR={reuse}: not a finished demo workdir"
+    return work
+  work = tmp_path_factory.mktemp("trained_demo") / "demo"
+  run_demo(work)
+  return work
+
+
+@pytest.fixture(scope="session")
+def trained_demo(trained_demo_dir):
+  """The shared demo run, reloaded (pixart_jax.demo.TrainedDemo: config, spec, EMA model, encoders, report)."""
+  from pixart_jax.demo import load_trained
+
+  return load_trained(trained_demo_dir)

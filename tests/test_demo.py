@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from pixart_jax.data import demo as demo_data
+from train_testlib import run_demo
 
 
 def test_digits_source_pairs_each_image_with_captions_naming_its_digit():
@@ -50,18 +51,10 @@ def test_demo_classifier_recognises_real_digits():
   assert np.mean(clf.predict(feats) == labels) > 0.99
 
 
-def _run_demo(work, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
-  env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as `make demo` runs it
-  proc = subprocess.run([sys.executable, "-m", "pixart_jax.demo", "--workdir", str(work), *args],
-                        capture_output=True, text=True, env=env, timeout=1800)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc, json.loads((work / "demo_report.json").read_text())
-
-
 @pytest.mark.slow  # prepare + 40 train steps + sampling in a subprocess: ~20 s on 2 cores
 def test_demo_runs_end_to_end(tmp_path):
   work = tmp_path / "demo"
-  proc, report = _run_demo(work, "--steps", "40", "--per_digit", "2", "--batch_size", "32")
+  proc, report = run_demo(work, "--steps", "40", "--per_digit", "2", "--batch_size", "32")
   assert report["train_steps"] == 40 and report["batch_size"] == 32
   for key in ("adherence_guided", "adherence_unguided"):
     assert 0.0 <= report[key] <= 1.0
@@ -80,9 +73,25 @@ def test_demo_runs_end_to_end(tmp_path):
   assert "prompt adherence" in proc.stdout
 
 
-@pytest.mark.slow  # the full default demo (4,000 steps): ~5 min on 2 cores
-def test_demo_meets_the_prompt_adherence_target(tmp_path):
-  _, report = _run_demo(tmp_path / "demo")
+@pytest.mark.slow  # the full default demo (4,000 steps): ~5 min on 2 cores, shared by the session (conftest)
+def test_demo_meets_the_prompt_adherence_target(trained_demo_dir):
+  report = json.loads((trained_demo_dir / "demo_report.json").read_text())
   assert report["train_steps"] == 4000 and report["guidance_scale"] == 4.5
   assert report["adherence_guided"] >= 0.9, report
   assert report["adherence_guided"] > report["adherence_unguided"], report
+
+
+@pytest.mark.slow  # builds on the session's trained demo
+def test_a_reloaded_demo_run_samples_what_the_run_sampled(trained_demo):
+  """load_trained (what metrics, ControlNet and distillation build on) restores the EMA weights and encoders."""
+  from flax import nnx
+
+  from pixart_jax.demo import classifier, sample_digits
+
+  report = trained_demo.report
+  graphdef, params = nnx.split(trained_demo.model, nnx.Param)
+  guided, _, labels = sample_digits(graphdef, params, trained_demo.encoders.text, 10, report["guidance_scale"],
+                                    report["seed"] + 1)
+  clf, _ = classifier()
+  adherence = float(np.mean(clf.predict(demo_data.from_rgb(trained_demo.encoders.decode(guided))) == labels))
+  assert abs(adherence - report["adherence_guided"]) <= 0.02, (adherence, report)

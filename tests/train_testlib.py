@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import pathlib
 import socket
@@ -104,3 +105,12 @@ def assert_matches_diffusers(ours, pipeline_dir, *, prompt: str = "a cat on a so
   got = ours([prompt], height=size, width=size, steps=steps, guidance_scale=guidance, latents=lat)
   assert np.abs(got.astype(int) - want.astype(int)).max() <= tol
   return got, lat
+
+
+def run_demo(work: pathlib.Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+  """`python -m pixart_jax.demo --workdir WORK ARGS` on one CPU device, as `make demo` runs it."""
+  env = dict(os.environ, XLA_FLAGS="")
+  proc = subprocess.run([sys.executable, "-m", "pixart_jax.demo", "--workdir", str(work), *args],
+                        capture_output=True, text=True, env=env, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc, json.loads((work / "demo_report.json").read_text())
