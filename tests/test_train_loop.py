@@ -123,7 +123,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp
   m = json.loads(manifest.read_text())
   m["encoders"]["scaling_factor"] = float("nan")
   manifest.write_text(json.dumps(m))
-  with pytest.raises(NonFiniteLossError, match=r"at step 3: stopping without saving.*last good checkpoint is step 2"):
+  with pytest.raises(NonFiniteLossError, match=r"at step 3: stopping without saving.*newest checkpoint is step 2"):
     _train(wd, steps=6, ckpt_every=1)
   assert Checkpointer(wd / "checkpoints").all_steps() == [2]
   assert max(_losses(wd)) == 2

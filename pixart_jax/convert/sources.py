@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import json
+import math
 import os
 import pathlib
 import struct
@@ -161,20 +162,28 @@ class SafetensorsSource(TensorSource):
       header = json.loads(os.pread(self._fd, n, 8))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise ValueError(f"{self.path} is not a safetensors file (header is not JSON: {e})") from None
-    self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+    if not isinstance(header, dict):
+      raise ValueError(f"{self.path} is not a safetensors file: the header is a JSON {type(header).__name__}, "
+                       "expected an object {name: {dtype, shape, data_offsets}}")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+      raise ValueError(f"{self.path}: __metadata__ is a {type(meta).__name__}, expected an object of strings")
+    self.metadata: dict[str, str] = meta
     self._base, self._info = 8 + n, {}
+    spans = []
     for key, info in header.items():
-      code, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-      if code not in SAFETENSORS_DTYPES:
-        raise ValueError(f"{self.path}: tensor {key!r} has unsupported safetensors dtype {code}")
+      code, shape, (begin, end) = _check_entry(self.path, key, info)
       dt = SAFETENSORS_DTYPES[code]
-      if end - begin != int(np.prod(shape, dtype=np.int64)) * dt.itemsize or begin < 0:
-        raise ValueError(f"{self.path}: tensor {key!r} ({code} {shape}) has inconsistent data offsets "
-                         f"[{begin}, {end})")
+      need = math.prod(shape) * dt.itemsize  # python ints: a hostile shape cannot overflow to a match
+      if end - begin != need:
+        raise ValueError(f"{self.path}: tensor {key!r} ({code} {list(shape)}) has data offsets [{begin}, {end}) "
+                         f"holding {end - begin} bytes; its shape and dtype need {need}")
       if self._base + end > size:
         raise ValueError(f"{self.path} is truncated: tensor {key!r} ends at byte {self._base + end}, "
                          f"the file has {size}")
       self._info[key] = (dt, shape, begin)
+      spans.append((begin, end, key))
+    _check_spans(self.path, sorted(spans), size - self._base)
     self._keys = sorted(self._info, key=lambda k: self._info[k][2])  # storage order: sequential reads
 
   def keys(self):
@@ -211,6 +220,40 @@ class SafetensorsSource(TensorSource):
     if getattr(self, "_fd", -1) >= 0:
       os.close(self._fd)
       self._fd = -1
+
+
+def _check_entry(path, key, info) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+  """(dtype code, shape, (begin, end)) of one safetensors header entry; ValueError naming what is wrong."""
+  if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+    raise ValueError(f"{path}: header entry {key!r} is {info!r:.100}; expected an object with dtype, shape and "
+                     "data_offsets")
+  code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+  if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+    raise ValueError(f"{path}: tensor {key!r} has unsupported safetensors dtype {code!r:.40}; supported: "
+                     f"{sorted(SAFETENSORS_DTYPES)}")
+  if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+    raise ValueError(f"{path}: tensor {key!r} has shape {shape!r:.100}; expected a list of non-negative ints")
+  if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+      or not 0 <= offsets[0] <= offsets[1]):
+    raise ValueError(f"{path}: tensor {key!r} has data_offsets {offsets!r:.100}; expected [begin, end] with "
+                     "0 <= begin <= end")
+  return code, tuple(shape), (offsets[0], offsets[1])
+
+
+def _check_spans(path, spans: list[tuple[int, int, str]], data_size: int) -> None:
+  """The tensors' byte ranges (sorted) must tile the data section exactly: no overlap, no gap."""
+  pos, prev = 0, None
+  for begin, end, key in spans:
+    if begin < pos:
+      raise ValueError(f"{path}: tensors {prev!r} and {key!r} overlap (bytes [{begin}, {pos}) of the data "
+                       "section); each tensor must have its own bytes")
+    if begin > pos:
+      raise ValueError(f"{path}: bytes [{pos}, {begin}) of the data section belong to no tensor; the offsets "
+                       "must cover the data without gaps")
+    pos, prev = end, key
+  if pos != data_size:
+    raise ValueError(f"{path}: the tensors cover {pos} bytes of data but the file holds {data_size} after its "
+                     "header; the offsets must cover the data exactly")
 
 
 def _tensor_dict(d) -> dict[str, TorchTensorRef]:

@@ -21,6 +21,7 @@ import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -98,6 +99,26 @@ def _owned(arr: np.ndarray, copy: bool = False) -> np.ndarray:
   return out
 
 
+def _kind(dtype) -> str:
+  dtype = np.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating):
+    return "float"
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return "complex"
+  if dtype == np.bool_:
+    return "bool"
+  return "int" if jnp.issubdtype(dtype, jnp.integer) else str(dtype)
+
+
+def _cast_problem(src, dst) -> str:
+  """Why a source tensor of dtype `src` may not fill a target of dtype `dst` ("" when it may): weights are cast
+  float -> float only (precision changes); an integer, bool or complex tensor for a float parameter (or the
+  reverse) is a wrong or corrupt file, never silently converted."""
+  if np.dtype(src) == np.dtype(dst) or _kind(src) == _kind(dst) in ("float", "int"):
+    return ""
+  return f"only float -> float casts are allowed ({_kind(src)} -> {_kind(dst)} would change the values' meaning)"
+
+
 def load_strict(
     targets: Mapping[tuple, jax.ShapeDtypeStruct],
     source: TensorSource,
@@ -116,7 +137,8 @@ def load_strict(
   allow_missing: target paths that may stay completely unfilled (they are then absent from the result);
                  a stacked target filled for only some layers is always an error.
   Raises WeightLoadError listing unexpected source keys, missing targets (with missing layer indices),
-  shape mismatches, targets filled twice, bad key-map entries and failed transforms.
+  shape mismatches, targets filled twice, bad key-map entries, failed transforms and dtype casts other than
+  float -> float (or int -> int).
   """
   targets = dict(targets)
   shardings = dict(shardings or {})
@@ -168,6 +190,12 @@ def load_strict(
         mismatched.append(f"source {key!r} {_shape(tensor.shape)}" + ("" if put.fn is None else
                           f" -> transformed {_shape(value.shape)}") + f" vs target {_where(path, index)} "
                           f"expecting {_shape(want)}" + ("" if index is None else f" (stacked {_shape(target.shape)})"))
+        continue
+      cast = _cast_problem(value.dtype, target.dtype)
+      if cast:
+        failed.setdefault(path, set()).add(index)
+        invalid.append(f"source {key!r} {_shape(tensor.shape)} is {value.dtype} but target {_where(path, index)} is "
+                       f"{np.dtype(target.dtype)}: {cast}")
         continue
       seen = filled.setdefault(path, {})
       clash = seen.get(index) or (seen.get(None) if index is not None else next(iter(seen.values()), None))

@@ -61,6 +61,7 @@ class TorchLegacyArchive(TorchZipArchive):
   def __init__(self, path):  # noqa: super().__init__ is the zip parser; only the readers are shared
     self.path = os.fspath(path)
     self._fd = -1
+    self.file_size = os.stat(self.path).st_size
     self._swap = False  # _legacy_save writes storage bytes little endian
     self._storages: dict[str, _StorageRef] = {}
     self._offsets: dict[str, int] = {}
@@ -111,6 +112,9 @@ class TorchLegacyArchive(TorchZipArchive):
     ref = self._storages.get(key)
     if ref is None:
       ref = self._storages[key] = _StorageRef(self, key, dtype, numel)
+      if ref.nbytes > self.file_size:
+        raise TorchFormatError(f"{self.path}: storage {key!r} declares {numel} elements ({ref.nbytes} bytes), more "
+                               f"than the whole file ({self.file_size} bytes)")
     elif ref.dtype != np.dtype(dtype) or ref.numel != numel:
       raise TorchFormatError(f"{self.path}: storage {key!r} is referenced as both {ref.dtype}[{ref.numel}] "
                              f"and {np.dtype(dtype)}[{numel}]")

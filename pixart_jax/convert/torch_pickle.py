@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 import struct
@@ -107,7 +108,7 @@ class TorchTensorRef(_Inert):
 
   @property
   def nbytes(self) -> int:
-    return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+    return math.prod(self.shape) * self.dtype.itemsize  # python ints: a hostile shape cannot overflow to 0
 
   def numpy(self) -> np.ndarray:
     """Reads this tensor (only its bytes) into a new C-contiguous numpy array of its native dtype."""
@@ -135,6 +136,11 @@ def _rebuild(storage, storage_offset, size, stride, dtype=None):
     if end > storage.nbytes:
       raise TorchFormatError(f"corrupt tensor record: view of {storage.member!r} ends at byte {end}, "
                              f"past the storage's {storage.nbytes} bytes")
+  limit = max(storage.nbytes, storage.archive.file_size)
+  if ref.nbytes > limit:
+    raise TorchFormatError(f"{storage.archive.path}: tensor of shape {list(size)} {dtype} would take {ref.nbytes} bytes "
+                           f"but its storage {storage.member!r} holds {storage.nbytes} and the file {storage.archive.file_size} "
+                           f"(stride {list(stride)}); refusing to allocate it")
   return ref
 
 
@@ -183,6 +189,16 @@ def _numpy_scalar(dtype, data=None):
   return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
+def _bytearray(source=b"", encoding=None, errors=None):
+  """`bytearray` from bytes / text only: `bytearray(n)` would allocate n bytes the file does not hold."""
+  if not isinstance(source, (bytes, bytearray, str)):
+    raise TorchFormatError(f"pickle calls bytearray({type(source).__name__}); only bytes or text are allowed (a size "
+                           "would allocate memory the file does not hold)")
+  if isinstance(source, str):
+    return bytearray(source, encoding or "utf-8", errors or "strict")
+  return bytearray(source)
+
+
 def _torch_size(dims=()):
   return tuple(dims)
 
@@ -199,7 +215,7 @@ def _allowed_globals() -> dict[str, Any]:
   rc: dict[str, Any] = {
       "collections.OrderedDict": collections.OrderedDict,
       "builtins.set": set, "builtins.frozenset": frozenset, "builtins.complex": complex,
-      "builtins.bytearray": bytearray, "builtins.slice": slice,
+      "builtins.bytearray": _bytearray, "builtins.slice": slice,
       "_codecs.encode": _codecs_encode,
       "torch._utils._rebuild_tensor": _rebuild_tensor,
       "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
@@ -307,6 +323,7 @@ class TorchZipArchive:
             "without torch. Re-save it with torch>=1.6: torch.save(torch.load(path), new_path).")
       raise TorchFormatError(f"{self.path} is not a torch zip checkpoint (no zip archive found)")
     self._fd = -1
+    self.file_size = os.stat(self.path).st_size
     self._zip = zipfile.ZipFile(self.path)
     try:
       names = self._zip.namelist()
@@ -335,8 +352,17 @@ class TorchZipArchive:
       raise TorchFormatError(f"{self.path}: storage member {member!r} is missing from the archive")
     ref = self._storages.get(member)
     if ref is None:
+      info = self._infos[member]
+      stored = info.compress_type == zipfile.ZIP_STORED
+      if (stored and info.compress_size != info.file_size) or info.header_offset + info.compress_size > self.file_size:
+        raise TorchFormatError(f"{self.path}: zip member {member!r} claims {info.file_size} bytes "
+                               f"({info.compress_size} stored at byte {info.header_offset}) but the file has "
+                               f"{self.file_size}")
       ref = self._storages[member] = _StorageRef(self, member, dtype, numel)
-      if self._infos[member].file_size < ref.nbytes:
+      if stored and ref.nbytes > self.file_size:
+        raise TorchFormatError(f"{self.path}: storage {member!r} declares {numel} elements ({ref.nbytes} bytes), "
+                               f"more than the whole file ({self.file_size} bytes)")
+      if info.file_size < ref.nbytes:
         raise TorchFormatError(f"{self.path}: storage {member!r} holds {self._infos[member].file_size} bytes, "
                                f"the pickle expects {ref.nbytes}")
     return ref

@@ -10,9 +10,16 @@ Saves are asynchronous (device -> host copy, then the write runs in the backgrou
 are on disk. Restores target abstract arrays that carry the CURRENT mesh's shardings, so a run can resume on a
 different topology (e.g. saved on 8 devices with FSDP, restored on 4).
 
+Verification: at save time a 64-bit digest of every array leaf (`tree_digests`: computed on device from the
+arrays' bytes, independent of their sharding) is taken; once the step is complete on disk they are written
+atomically to `<step>/checksums.json`. A restore recomputes them on the restored arrays and compares: a checkpoint
+whose bytes changed (flipped bits, a partial copy that still parses) is treated like a truncated one. A step without
+checksums (written by an older version, or killed between the write and the checksums) restores unverified, with a
+warning.
+
 A step directory that cannot be restored (truncated or corrupt, e.g. a half-written copy) is reported with a
 warning naming the step, moved aside to `<step>.corrupt` (so the run can save that step again later), and the
-previous step is tried.
+previous step is tried. When no step restores, `CheckpointCorruptError` names the directory and every step's error.
 """
 from __future__ import annotations
 
@@ -24,6 +31,8 @@ import os
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -31,6 +40,9 @@ from flax import nnx
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "ema", "data", "config")
+CHECKSUMS = "checksums.json"
+CHECKSUMS_FORMAT = "pixart_jax.checkpoint_checksums/1"
+_VERIFIED = ("state", "ema")
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -102,6 +114,98 @@ def from_pure(template: Any, pure: Any) -> Any:
   return jax.tree.map(lambda t, v: t.replace(v) if _is_var(t) else v, template, pure, is_leaf=_is_var)
 
 
+class CheckpointCorruptError(ValueError):
+  """A checkpoint whose restored bytes do not match the checksums written when it was saved (or no step restores)."""
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Checksums: per-leaf digests computed on device, so they do not depend on the sharding (or the mesh) of the arrays.
+# -------------------------------------------------------------------------------------------------------------
+def _fmix32(x):
+  """murmur3's 32-bit finalizer (a bijection of uint32)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def _words(x) -> jax.Array:
+  """One uint32 per element holding the element's bytes (64-bit elements folded)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  size = np.dtype(x.dtype).itemsize
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if size in (1, 2):
+    return jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32)
+  if size == 8:
+    w = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return w[..., 0] ^ _fmix32(w[..., 1] + jnp.uint32(0x9E3779B9))
+  raise TypeError(f"no checksum for dtype {x.dtype}")
+
+
+def _leaf_digest(x) -> jax.Array:
+  """(2,) uint32: two position-keyed sums of mixed words. Integer sums wrap and commute, so the digest is the same
+  for any sharding; a change of any single element always changes it (fmix32 is a bijection)."""
+  w = _words(x)
+  idx = jnp.zeros(w.shape, jnp.uint32)
+  for d in range(w.ndim):
+    idx = idx * jnp.uint32(w.shape[d]) + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d)
+  a = jnp.sum(_fmix32(w ^ _fmix32(idx + jnp.uint32(0x2545F491))), dtype=jnp.uint32)
+  b = jnp.sum(_fmix32(w + _fmix32(idx ^ jnp.uint32(0x68E31DA4)) * jnp.uint32(0x27D4EB2F)), dtype=jnp.uint32)
+  return jnp.stack([a, b])
+
+
+@jax.jit
+def _digests(leaves: list) -> jax.Array:
+  return jnp.stack([_leaf_digest(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+
+
+def tree_digests(tree: Any) -> dict[str, str]:
+  """{'params.stages.0.attn.q.kernel': '<16 hex digits>'} for every array leaf of `tree` (Variables allowed)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(to_pure(tree))
+  named = [(".".join(_key_name(k) for k in path), leaf) for path, leaf in flat if hasattr(leaf, "dtype")]
+  values = np.asarray(jax.device_get(_digests([jnp.asarray(leaf) for _, leaf in named])))
+  return {name: f"{int(a):08x}{int(b):08x}" for (name, _), (a, b) in zip(named, values)}
+
+
+def read_checksums(step_dir: epath.Path) -> dict[str, dict[str, str]] | None:
+  """The `checksums.json` of a step ({item: {leaf: digest}}), None when it has none; CheckpointCorruptError when it
+  is unreadable."""
+  path = epath.Path(step_dir) / CHECKSUMS
+  if not path.exists():
+    return None
+  try:
+    doc = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointCorruptError(f"{path} is not valid JSON ({e})") from None
+  items = doc.get("items") if isinstance(doc, dict) and doc.get("format") == CHECKSUMS_FORMAT else None
+  if not isinstance(items, dict) or not all(isinstance(v, dict) for v in items.values()):
+    raise CheckpointCorruptError(f"{path} is not a {CHECKSUMS_FORMAT} file")
+  return items
+
+
+def verify_item(step_dir: epath.Path, item: str, tree: Any, expected: dict[str, str] | None = None) -> bool:
+  """Checks restored `tree` (item `item` of the step) against the step's checksums: True when verified, False when
+  the step has none; raises CheckpointCorruptError naming the step, the item and the first differing arrays."""
+  if expected is None:
+    saved = read_checksums(step_dir)
+    if saved is None:
+      return False
+    expected = saved.get(item)
+    if expected is None:
+      raise CheckpointCorruptError(f"{epath.Path(step_dir) / CHECKSUMS} has no checksums for item {item!r}")
+  got = tree_digests(tree)
+  bad = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+  if bad:
+    raise CheckpointCorruptError(f"checkpoint {step_dir} ({item}): {len(bad)} of {len(got)} arrays differ from the "
+                                 f"checksums written when it was saved (e.g. {bad[:3]}); the files are corrupt")
+  return True
+
+
 class EmaMissingError(ValueError):
   """The run keeps an EMA but the checkpoint has none."""
 
@@ -147,12 +251,18 @@ class Checkpointer:
     handlers = {"state": ocp.StandardCheckpointHandler(), "ema": ocp.StandardCheckpointHandler(),
                 "data": ProcessJsonHandler(), "config": ocp.JsonCheckpointHandler()}
     self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS, item_handlers=handlers)
+    self._pending: dict[int, dict[str, dict[str, str]]] = {}  # step -> checksums, written once the step is on disk
 
   # -- saving ------------------------------------------------------------------------------------------------
   def save(self, step: int, state: Any, *, ema: Any = None, data: Any = None, config: dict | None = None) -> bool:
     """Starts an (async) save of step `step`; False when that step already exists."""
     if step in self._mgr.all_steps():
       return False
+    if self._pending:
+      self.wait()  # the manager waits for the previous save anyway; then its checksums are written
+    sums = {"state": tree_digests(state)}
+    if ema is not None:
+      sums["ema"] = tree_digests(ema)
     items = {"state": ocp.args.StandardSave(to_pure(state))}
     if ema is not None:
       items["ema"] = ocp.args.StandardSave(to_pure(ema))
@@ -160,18 +270,38 @@ class Checkpointer:
       items["data"] = ProcessJsonSave(data)
     if config is not None:
       items["config"] = ocp.args.JsonSave(config)
-    return self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
+    started = self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
+    if started:
+      self._pending[step] = sums
+    return started
 
   def wait(self) -> None:
-    """Blocks until every started save is on disk."""
+    """Blocks until every started save is on disk (with its checksums)."""
     self._mgr.wait_until_finished()
+    self._write_checksums()
+
+  def _write_checksums(self) -> None:
+    """Writes `<step>/checksums.json` (atomically, process 0) for every finished step saved by this run."""
+    done = set(self._mgr.all_steps())
+    for step in sorted(self._pending):
+      sums = self._pending.pop(step)
+      if step not in done or jax.process_index() != 0:
+        continue  # deleted already (keep), or another process writes it
+      path = self._step_dir(step) / CHECKSUMS
+      tmp = path.parent / f".{CHECKSUMS}.tmp"
+      tmp.write_text(json.dumps({"format": CHECKSUMS_FORMAT, "step": step, "items": sums}))
+      tmp.rename(path)
 
   def reached_preemption(self, step: int) -> bool:
     """JAX's multi-host preemption sync point (False when no preemption service is running)."""
     return self._mgr.reached_preemption(step)
 
   def close(self) -> None:
-    self._mgr.close()
+    try:
+      if self._pending:
+        self.wait()
+    finally:
+      self._mgr.close()
 
   # -- restoring ---------------------------------------------------------------------------------------------
   def all_steps(self) -> list[int]:
@@ -198,6 +328,13 @@ class Checkpointer:
     if "data" in saved:
       items["data"] = ProcessJsonRestore()
     out = self._mgr.restore(step, args=ocp.args.Composite(**items))
+    sums = read_checksums(self._step_dir(step))
+    if sums is None:
+      log.warning("checkpoint step %d in %s has no %s (written by an older version, or stopped before they were "
+                  "written): restored without verification", step, self.directory, CHECKSUMS)
+    else:
+      for item in ("state", "ema") if ema_target is not None else ("state",):
+        verify_item(self._step_dir(step), item, out[item], sums.get(item))
     return Restored(step=step, state=from_pure(state_target, out["state"]),
                     ema=from_pure(ema_target, out["ema"]) if ema_target is not None else None,
                     data=out["data"] if "data" in saved else None, config=out["config"])
@@ -241,8 +378,11 @@ class Checkpointer:
       return restored
     if failed:
       step, error = failed[0]
-      raise RuntimeError(f"no checkpoint in {self.directory} could be restored (steps {steps}); the newest, step "
-                         f"{step}, failed with {type(error).__name__}: {error}") from error
+      first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+      raise CheckpointCorruptError(
+          f"no checkpoint in {self.directory} can be restored: all {len(steps)} (steps {steps}) are corrupt or "
+          f"unreadable; the newest, step {step}, failed with {type(error).__name__}: {first}. Move the directory "
+          "aside to start fresh, or restore it from a copy") from error
     return None
 
   def _check_shapes(self, step: int, item: str, target: Any) -> None:

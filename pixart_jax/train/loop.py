@@ -235,8 +235,14 @@ def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = Non
     tx, lr_schedule = make_optimizer(opt_cfg, batch)
     graphdef, _ = spec.split()
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep)
-    initial = trainable.initial_state(Context(config=config, spec=spec, tx=tx, mesh=mesh, rules=rules, ckpt=ckpt,
-                                              iterator=iterator))
+    try:
+      initial = trainable.initial_state(Context(config=config, spec=spec, tx=tx, mesh=mesh, rules=rules, ckpt=ckpt,
+                                                iterator=iterator))
+    except BaseException:
+      ckpt.close()  # e.g. every checkpoint corrupt: the one clear error, not a later one from a dangling manager
+      if hasattr(iterator, "close"):
+        iterator.close()
+      raise
     state, shardings = initial.state, initial.shardings
     frozen, frozen_shardings = trainable.frozen()
     log.info("train state from %s at step %d\n%s", initial.source, int(state.step),
@@ -295,7 +301,7 @@ def _run(run: _Run) -> RunResult:
       ckpt.wait()
       raise NonFiniteLossError(
           f"loss is {history[[s for s, _ in history].index(bad)][1]['loss']} at step {bad}: stopping without "
-          f"saving this state; the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+          f"saving this state; the newest checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
     elapsed = time.perf_counter() - window_start
     n, fl = len(pending), sum(run.step_flops[b] for _, _, b in pending)
     per_dev = fl / elapsed / jax.device_count()
