@@ -31,7 +31,15 @@ _ENCODERS = flags.DEFINE_string(
     "encoders", None,
     "Diffusers-format pipeline directory or Hub id holding text_encoder/, tokenizer/ and vae/ "
     "(e.g. PixArt-alpha/PixArt-Sigma-XL-2-1024-MS).")
-_OUT = flags.DEFINE_string("out", None, "Output dataset directory (created; reruns resume into it).")
+_OUT = flags.DEFINE_string(
+    "out", None, "Output dataset directory: new or empty (created, marked as ours with .pixart_dataset.json); "
+    "reruns resume into it. Never inside or around the --source folder.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Allow an existing non-empty --out that prepare did not create (files sharing prepare's "
+    "names there are replaced; nothing else is touched).")
+_MAX_IMAGE_MB = flags.DEFINE_integer(
+    "max_image_mb", 256, "Skip image files larger than this many MiB ('too_large'); only regular files are read "
+    "(FIFOs, devices and sockets are skipped as 'not_a_file').")
 _TABLE = flags.DEFINE_string(
     "table", "1024", "Aspect-ratio bucket table: 256, 512, 1024, 2048 or 2880 (training tables).")
 _SHARD_SIZE = flags.DEFINE_integer(
@@ -82,9 +90,9 @@ def main(argv):
   options = prepare_lib.PrepareOptions(
       table=_TABLE.value, shard_size=_SHARD_SIZE.value, batch_size=_BATCH_SIZE.value,
       resample=_RESAMPLE.value or None, min_side=_MIN_SIDE.value, max_aspect=_MAX_ASPECT.value,
-      num_threads=_THREADS.value)
+      num_threads=_THREADS.value, max_image_bytes=_MAX_IMAGE_MB.value * 2**20)
   manifest = prepare_lib.prepare(source, encoders, _OUT.value, options=options,
-                                 source_id=source_id, progress=_PROGRESS.value)
+                                 source_id=source_id, progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
   if manifest is not None:
     print(prepare_lib.format_report(manifest))
 

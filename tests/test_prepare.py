@@ -191,7 +191,7 @@ def test_resume_after_interrupt(tmp_path, pixel_encoders):
   with pytest.raises(KeyboardInterrupt):
     prepare_lib.prepare(_FailingSource(source, fail_at=2), pixel_encoders, out, options=opts,
                         source_id="src", progress=False)
-  assert sorted(os.listdir(out)) == ["data-00000.array_record", "data-00000.json",
+  assert sorted(os.listdir(out)) == [".pixart_dataset.json", "data-00000.array_record", "data-00000.json",
                                      "prepare_config.json"]  # shard 1 dropped, no temp files
   mtimes = [os.stat(p).st_mtime_ns for p in shard_paths(out, 0)]
   with pytest.raises(ValueError, match="shard_size"):   # a different config is refused
@@ -215,7 +215,7 @@ def test_hosts_split_shards(tmp_path, pixel_encoders):
   kw = dict(options=opts, progress=False, process_count=2, barrier=lambda: None)
   assert prepare_lib.prepare(source, pixel_encoders, out, process_index=1, **kw) is None
   assert sorted(f for f in os.listdir(out) if f.endswith(".json")) == [
-      "data-00001.json", "prepare_config.json"]   # host 1 owns shard 1 of 3
+      ".pixart_dataset.json", "data-00001.json", "prepare_config.json"]   # host 1 owns shard 1 of 3
   with pytest.raises(RuntimeError, match="missing"):   # host 0 alone cannot finish: shard 2 absent
     prepare_lib.write_manifest(str(out), num_shards=3, table=TABLE, table_name=None,
                                encoders=prepare_lib.encoders_info(pixel_encoders),

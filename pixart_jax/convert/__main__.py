@@ -26,6 +26,8 @@ flags.DEFINE_string("config", None, "DiT preset name (pixart_jax.models.config.P
                     "name does not identify the checkpoint.")
 flags.DEFINE_string("base", None, "With --to=diffusers: a diffusers PixArt-Sigma pipeline dir or Hub id whose "
                     "text encoder, tokenizer, VAE and scheduler complete the output into a whole pipeline directory.")
+flags.DEFINE_bool("overwrite", False, "Replace an earlier output of this tool in --out (a folder holding its "
+                  ".pixart_convert.json marker). Folders holding anything else are never replaced.")
 flags.DEFINE_integer("max_shard_mb", 10 * 1024, "Largest safetensors shard written by --to=diffusers, in MiB.")
 
 
@@ -38,18 +40,24 @@ def main(argv):
   to = FLAGS.to or ("diffusers" if src_is_ours else "orbax")
   if FLAGS.base and to != "diffusers":
     raise app.UsageError("--base completes a diffusers pipeline: it needs --to=diffusers")
+  from pixart_jax.convert.outputs import check_disjoint, claim_output
+
+  check_disjoint(FLAGS.out, {"--source": FLAGS.source, "--base": FLAGS.base})
+  claim_output(FLAGS.out, what=to, overwrite=FLAGS.overwrite, write_marker=False)  # refuse before loading anything
   if orbax_io.is_orbax_dir(FLAGS.source) and not FLAGS.config:
     model = orbax_io.load_transformer_orbax(FLAGS.source)
   else:
     model = dit.load_transformer(FLAGS.source, config=FLAGS.config, progress=True)
   if to == "orbax":
-    out = orbax_io.save_transformer_orbax(model, FLAGS.out)
+    out = orbax_io.save_transformer_orbax(model, FLAGS.out, overwrite=FLAGS.overwrite)
   elif FLAGS.base:
     from pixart_jax.convert.pipeline_export import export_pipeline
 
-    out = export_pipeline(model, FLAGS.base, FLAGS.out, max_shard_bytes=FLAGS.max_shard_mb * 2**20)
+    out = export_pipeline(model, FLAGS.base, FLAGS.out, max_shard_bytes=FLAGS.max_shard_mb * 2**20,
+                          overwrite=FLAGS.overwrite)
   else:
-    out = dit.export_transformer(model, FLAGS.out, max_shard_bytes=FLAGS.max_shard_mb * 2**20)
+    out = dit.export_transformer(model, FLAGS.out, max_shard_bytes=FLAGS.max_shard_mb * 2**20,
+                                 overwrite=FLAGS.overwrite)
   logging.info("wrote %s (%s)", out, to)
 
 

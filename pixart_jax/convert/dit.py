@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 
 from pixart_jax.convert import dit_keys, orbax_io, ours
-from pixart_jax.convert.hub import component_dir, resolve_local
+from pixart_jax.convert.hub import component_dir, read_json, resolve_local
+from pixart_jax.convert.outputs import claim_output
 from pixart_jax.convert.sources import open_tensors
 from pixart_jax.convert.strict import WeightLoadError, load_into
 from pixart_jax.models.attention_backends import AttentionOptions
@@ -155,8 +156,7 @@ def load_transformer(src: str | os.PathLike, *, config: DiTConfig | str | None =
   else:
     tdir = component_dir(local, "transformer", "transformer") if local.is_dir() else local.parent
     source = open_tensors(tdir)
-    with open(tdir / "config.json") as f:
-      raw = json.load(f)
+    raw = read_json(tdir / "config.json", "diffusers transformer config")
     has_micro = any("resolution_embedder" in k for k in source.keys())
     cfg = config or config_from_diffusers(raw, has_micro_keys=has_micro)
     keymap, drop = dit_keys.diffusers_keymap(cfg), (lambda k: False)
@@ -188,11 +188,18 @@ def flat_targets_values(state) -> list[tuple[tuple, jax.Array]]:
 # Export
 # ---------------------------------------------------------------------------------------------------------------
 def export_transformer(model: PixArtSigma, out_dir: str | os.PathLike, *, max_shard_bytes: int = 10 * 2**30,
-                       dtype=np.float32) -> pathlib.Path:
-  """Writes a diffusers-format `transformer/` directory (config.json + safetensors) from our model."""
+                       dtype=np.float32, overwrite: bool = False) -> pathlib.Path:
+  """Writes a diffusers-format `transformer/` directory (config.json + safetensors) from our model. `out_dir` must
+  be new, empty, or an earlier output of ours with `overwrite=True` (`convert.outputs.claim_output`)."""
+  out = claim_output(out_dir, what="diffusers transformer", overwrite=overwrite)
+  return write_transformer_files(model, out, max_shard_bytes=max_shard_bytes, dtype=dtype)
+
+
+def write_transformer_files(model: PixArtSigma, out: pathlib.Path, *, max_shard_bytes: int = 10 * 2**30,
+                            dtype=np.float32) -> pathlib.Path:
+  """`export_transformer` into a folder already claimed by the caller (e.g. the pipeline export's transformer/)."""
   from pixart_jax.convert.writers import save_safetensors_sharded
 
-  out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   flat = {tuple(k): v for k, v in flat_targets_values(nnx.state(model, nnx.Param))}
 

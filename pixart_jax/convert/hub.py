@@ -14,7 +14,7 @@ from typing import Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["resolve_local", "parse_hub_id", "component_dir", "read_config"]
+__all__ = ["resolve_local", "parse_hub_id", "component_dir", "read_config", "read_json"]
 
 _PART = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9_])?"  # huggingface_hub's repo-id characters
 _HUB_ID = re.compile(rf"(?P<repo>{_PART}/{_PART})(?:@(?P<rev>[\w.-]+))?(?:/(?P<sub>[\w.-]+(?:/[\w.-]+)*))?")
@@ -76,12 +76,37 @@ def component_dir(path: str | os.PathLike, component: str, what: str) -> pathlib
   raise FileNotFoundError(f"{path} holds neither a {what} config.json nor a {component}/ subfolder with one")
 
 
+MAX_JSON_BYTES = 256 * 2**20  # a config / index / marker file
+
+
+def read_json(path: str | os.PathLike, what: str, *, kind: type = dict):
+  """The JSON document of a small file (a config, an index, a marker) that must be a `kind` (an object by default).
+  Raises ValueError naming the file and `what` it should be when it is not UTF-8 JSON of that kind, and OSError
+  (naming the file) when it is missing, not a regular file, or larger than MAX_JSON_BYTES."""
+  path = pathlib.Path(path)
+  if not path.is_file():  # follows symlinks; a FIFO or device is not read
+    raise FileNotFoundError(f"{path}: no {what} file there" if not path.exists() else
+                            f"{path} is not a regular file; expected the {what} (JSON)")
+  size = path.stat().st_size
+  if size > MAX_JSON_BYTES:
+    raise ValueError(f"{path} holds {size} bytes; a {what} (JSON) is at most {MAX_JSON_BYTES}")
+  try:
+    doc = json.loads(path.read_bytes().decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path} is not a valid {what}: not UTF-8 text (byte {e.start})") from None
+  except ValueError as e:
+    raise ValueError(f"{path} is not a valid {what}: not JSON ({e})") from None
+  if not isinstance(doc, kind):
+    raise ValueError(f"{path} is not a valid {what}: a JSON {type(doc).__name__}, expected a JSON "
+                     f"{'object' if kind is dict else kind.__name__}")
+  return doc
+
+
 def read_config(model_dir: str | os.PathLike, parse: Callable[[dict], T]) -> T:
   """`parse` of `model_dir/config.json` (a transformers / diffusers config, e.g. `T5Config.from_hf_config`); a
   ValueError or TypeError it raises is re-raised as one ValueError naming the file."""
   path = pathlib.Path(model_dir) / "config.json"
-  with open(path) as f:
-    raw = json.load(f)
+  raw = read_json(path, "model config")
   try:
     return parse(raw)
   except (ValueError, TypeError) as e:

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pixart_jax.convert.hub import read_json
+from pixart_jax.convert.outputs import claim_output
 from pixart_jax.models.attention_backends import AttentionOptions
 from pixart_jax.models.config import DiTConfig
 from pixart_jax.models.dit import PixArtSigma
@@ -40,15 +42,16 @@ def config_from_json(d: dict) -> DiTConfig:
 
 def read_config(path: str | os.PathLike) -> DiTConfig:
   """The DiTConfig of a converted directory."""
-  return config_from_json(json.loads((pathlib.Path(path) / CONFIG_FILE).read_text()))
+  return config_from_json(read_json(pathlib.Path(path) / CONFIG_FILE, "DiT config"))
 
 
-def save_transformer_orbax(model: PixArtSigma, out_dir: str | os.PathLike) -> pathlib.Path:
-  """Writes the model's parameters and config; returns the directory."""
+def save_transformer_orbax(model: PixArtSigma, out_dir: str | os.PathLike, *, overwrite: bool = False
+                           ) -> pathlib.Path:
+  """Writes the model's parameters and config; returns the directory. `out_dir` must be new, empty, or an earlier
+  output of ours with `overwrite=True` (`convert.outputs.claim_output`): an unrelated `params/` is never deleted."""
   import orbax.checkpoint as ocp  # imported on use: `import pixart_jax` stays light
 
-  out = pathlib.Path(out_dir).absolute()
-  out.mkdir(parents=True, exist_ok=True)
+  out = claim_output(out_dir, what="orbax", overwrite=overwrite, write_marker=jax.process_index() == 0)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(out / "params", nnx.state(model, nnx.Param), force=True)
   ckptr.wait_until_finished()

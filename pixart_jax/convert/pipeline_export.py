@@ -11,8 +11,9 @@ import os
 import pathlib
 import shutil
 
-from pixart_jax.convert.dit import export_transformer
-from pixart_jax.convert.hub import resolve_local
+from pixart_jax.convert.dit import write_transformer_files
+from pixart_jax.convert.hub import read_json, resolve_local
+from pixart_jax.convert.outputs import check_disjoint, claim_output
 
 SCHEDULER_CONFIG = {
     "_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++", "beta_end": 0.02,
@@ -24,14 +25,18 @@ _COMPONENTS = ("text_encoder", "tokenizer", "vae")
 
 
 def export_pipeline(transformer, base: str | os.PathLike, out_dir: str | os.PathLike, *,
-                    max_shard_bytes: int = 10 * 2**30) -> pathlib.Path:
-  """transformer: our PixArtSigma; base: a diffusers PixArt-Sigma pipeline dir or Hub id."""
+                    max_shard_bytes: int = 10 * 2**30, overwrite: bool = False) -> pathlib.Path:
+  """transformer: our PixArtSigma; base: a diffusers PixArt-Sigma pipeline dir or Hub id.
+
+  `out_dir` must not overlap `base`, and must be new, empty, or an earlier export of ours with `overwrite=True`
+  (`convert.outputs.claim_output`); both are checked before anything is written."""
   base = resolve_local(base)
-  out = pathlib.Path(out_dir)
+  check_disjoint(out_dir, {"--base": base})
   missing = [c for c in _COMPONENTS if not (base / c).is_dir()]
   if missing:
     raise FileNotFoundError(f"base pipeline {base} lacks {missing}")
-  out.mkdir(parents=True, exist_ok=True)
+  index = read_json(base / "model_index.json", "pipeline index") if (base / "model_index.json").exists() else {}
+  out = claim_output(out_dir, what="diffusers pipeline", overwrite=overwrite)
   for c in _COMPONENTS:
     if (out / c).exists():
       shutil.rmtree(out / c)
@@ -41,10 +46,9 @@ def export_pipeline(transformer, base: str | os.PathLike, out_dir: str | os.Path
   else:
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
-  export_transformer(transformer, out / "transformer", max_shard_bytes=max_shard_bytes)
-  index = {}
-  if (base / "model_index.json").exists():
-    index = json.loads((base / "model_index.json").read_text())
+  if (out / "transformer").exists():
+    shutil.rmtree(out / "transformer")  # inside our marked folder: an earlier export's
+  write_transformer_files(transformer, out / "transformer", max_shard_bytes=max_shard_bytes)
   index.update({"_class_name": "PixArtSigmaPipeline",
                 "transformer": ["diffusers", "PixArtTransformer2DModel"]})
   index.setdefault("scheduler", ["diffusers", "DPMSolverMultistepScheduler"])

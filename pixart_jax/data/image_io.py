@@ -3,10 +3,13 @@
 Reason codes (the `reason` of a skip; `detail` carries the specific message):
 
   unreadable      the file could not be read (missing, permission, I/O error)
+  not_a_file      the path is not a regular file (a FIFO, a device such as /dev/zero, a socket, a folder);
+                  such paths are never read (a FIFO would block forever, a device never ends)
   empty_file      zero bytes
   not_an_image    the bytes are not in any image format PIL knows (e.g. a text file named .png)
   corrupt         a known format whose data fails to decode (truncated JPEG, bad PNG chunk, ...)
-  too_large       more pixels than PIL's decompression-bomb limit
+  too_large       more bytes than `max_bytes` (DEFAULT_MAX_IMAGE_BYTES = 256 MiB unless set), or more pixels
+                  than PIL's decompression-bomb limit
   too_small       the shorter side is below `min_side` pixels
   extreme_aspect  max(h/w, w/h) is above `max_aspect` (the official filter drops ratio > 4.5;
                   every official bucket table spans h/w in [0.25, 4], so this also bounds how far
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from typing import Union
 
@@ -30,7 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageLike = Union[bytes, str, os.PathLike, np.ndarray, Image.Image]
 
-REASONS = ("unreadable", "empty_file", "not_an_image", "corrupt", "too_large", "too_small",
+REASONS = ("unreadable", "not_a_file", "empty_file", "not_an_image", "corrupt", "too_large", "too_small",
            "extreme_aspect", "no_caption", "bad_caption", "source_error")
 
 
@@ -46,12 +50,35 @@ class SkipExample(Exception):
     self.name = name  # the item's name when the source knows it
 
 
-def _read_bytes(path: str | os.PathLike) -> bytes:
+DEFAULT_MAX_IMAGE_BYTES = 256 * 2**20  # one image file; PrepareOptions.max_image_bytes / prepare --max_image_mb
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+  """The bytes of a REGULAR file of at most `max_bytes` (symlinks followed). Raises SkipExample: "not_a_file" for
+  a FIFO / device / socket / folder (checked on the opened descriptor, before any read: opening does not block),
+  "too_large" above `max_bytes`, "unreadable" for an OSError."""
   try:
-    with open(path, "rb") as f:
-      return f.read()
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
   except OSError as e:
     raise SkipExample("unreadable", f"{type(e).__name__}: {e.strerror or e}") from None
+  try:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+      kind = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+              stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}.get(stat.S_IFMT(st.st_mode), "not a regular file")
+      raise SkipExample("not_a_file", f"{os.fspath(path)} is {kind}; only regular files are read")
+    if st.st_size > max_bytes:
+      raise SkipExample("too_large", f"{st.st_size} bytes, above the limit of {max_bytes} bytes per file")
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb", closefd=False) as f:
+      data = f.read(max_bytes + 1)  # the file may grow after fstat
+    if len(data) > max_bytes:
+      raise SkipExample("too_large", f"more than the limit of {max_bytes} bytes per file")
+    return data
+  except OSError as e:
+    raise SkipExample("unreadable", f"{type(e).__name__}: {e.strerror or e}") from None
+  finally:
+    os.close(fd)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -87,9 +114,9 @@ def _from_array(arr: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(arr)
 
 
-def decode_image(image: ImageLike) -> np.ndarray:
+def decode_image(image: ImageLike, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> np.ndarray:
   """bytes / path / PIL image / array -> H W 3 uint8 RGB. Raises SkipExample (never anything else
-  for bad data)."""
+  for bad data). A path is read only if it is a regular file of at most `max_bytes` (so are encoded bytes)."""
   if isinstance(image, np.ndarray):
     return _from_array(image)
   if isinstance(image, Image.Image):
@@ -98,9 +125,11 @@ def decode_image(image: ImageLike) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 -- any decode failure of a user image is a skip
       raise SkipExample("corrupt", f"{type(e).__name__}: {e}") from None
   if isinstance(image, (str, os.PathLike)):
-    image = _read_bytes(image)
+    image = read_regular_file(image, max_bytes)
   if not isinstance(image, (bytes, bytearray, memoryview)):
     raise SkipExample("source_error", f"unsupported image object {type(image).__name__}")
+  if len(image) > max_bytes:
+    raise SkipExample("too_large", f"{len(image)} bytes, above the limit of {max_bytes} bytes per image")
   data = bytes(image)
   if not data:
     raise SkipExample("empty_file", "0 bytes")

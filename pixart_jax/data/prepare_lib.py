@@ -2,6 +2,9 @@
 
 Output directory:
 
+  .pixart_dataset.json     the marker: written first when `prepare` creates (or is allowed to take) the folder.
+                           `prepare` writes only into a new or empty folder, one holding its marker (resume), or
+                           any folder with overwrite=True (`--overwrite`); never into or around its input folder
   prepare_config.json      what the run was asked to do (source, table, shard size, encoders, filters);
                            a rerun with a different config is refused instead of mixing datasets
   data-XXXXX.array_record  the records of source items [X * shard_size, (X+1) * shard_size)
@@ -46,13 +49,16 @@ MANIFEST_FORMAT = "pixart_jax.latent_dataset/1"
 MANIFEST = "manifest.json"
 CONFIG = "prepare_config.json"
 NULL_CAPTION = "null_caption.npy"
+MARKER = ".pixart_dataset.json"
+MARKER_FORMAT = "pixart_jax.prepared_dataset/1"
 
 
 @dataclasses.dataclass(frozen=True)
 class PrepareOptions:
   """table: bucket table name (buckets.TABLES) or a {key: (H, W)} mapping. resample: PIL filter
   (None: the official choice for the table, buckets.train_resample). min_side / max_aspect: the
-  size filters (image_io.check_size). num_threads: image decode/resize threads."""
+  size filters (image_io.check_size). num_threads: image decode/resize threads. max_image_bytes: image files
+  larger than this are skipped (default 256 MiB); only regular files are read."""
 
   table: str | Mapping[str, tuple[int, int]] = "1024"
   shard_size: int = 256
@@ -61,9 +67,10 @@ class PrepareOptions:
   min_side: int = 64
   max_aspect: float = 4.5
   num_threads: int = 8
+  max_image_bytes: int = image_io.DEFAULT_MAX_IMAGE_BYTES  # larger image files are skipped ("too_large")
 
   def validate(self) -> None:
-    for f in ("shard_size", "batch_size", "min_side", "num_threads"):
+    for f in ("shard_size", "batch_size", "min_side", "num_threads", "max_image_bytes"):
       v = getattr(self, f)
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"PrepareOptions.{f} must be a positive int, got {v!r}")
@@ -104,11 +111,79 @@ def _write_json_atomic(path: str, obj: Any, tag: str = "tmp") -> None:
   os.replace(tmp, path)
 
 
+def _read_json(path: str, what: str) -> Any:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not a valid {what} (not JSON: {e})") from None
+
+
+def _inside(path: str, folder: str) -> bool:
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _source_dirs(source: Source) -> list[tuple[str, bool]]:
+  """(folder, whole tree) pairs the output must not overlap: a folder source's root (the output may be neither
+  it, nor inside it, nor around it) and a manifest's folder (neither it nor around it: images may sit anywhere)."""
+  while hasattr(source, "source") and hasattr(source, "indices"):  # a Subset
+    source = source.source
+  out = [(getattr(source, "root", None), True), (getattr(source, "base", None), False)]
+  return [(os.path.realpath(d), tree) for d, tree in out if isinstance(d, str)]
+
+
+def _is_legacy_dataset(out_dir: str) -> bool:
+  """A dataset written by a version without the marker: its prepare_config.json has our keys."""
+  path = os.path.join(out_dir, CONFIG)
+  try:
+    with open(path, encoding="utf-8") as f:
+      cfg = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(cfg, dict) and {"source", "source_items", "shard_size", "encoders", "table"} <= set(cfg)
+
+
+def claim_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False, input_dirs=(),
+                     process_index: int = 0) -> str:
+  """Makes `out_dir` ours before anything is written into it; returns its absolute path.
+
+  Allowed: a new folder, an empty one, one holding our marker (a rerun resumes), one holding a dataset of an
+  older version (its prepare_config.json), or any folder with `overwrite` (files sharing our names are then
+  replaced; nothing else is touched). Refused (ValueError / FileExistsError naming the folder): a folder overlapping
+  one of `input_dirs` ((folder, whole tree) pairs, see `_source_dirs`); any other non-empty folder; a path that is not a folder. The marker is
+  written (atomically) before any other file, so every process of a multi-host run can check it independently.
+  """
+  out = os.path.realpath(os.fspath(out_dir))
+  for d, tree in input_dirs:
+    if (_inside(out, d) if tree else out == d) or _inside(d, out):
+      raise ValueError(f"--out {out} overlaps the input folder {d}: the dataset must be written outside the "
+                       "images (and must not contain them)")
+  if os.path.lexists(out) and not os.path.isdir(out):
+    raise FileExistsError(f"--out {out} exists and is not a folder")
+  os.makedirs(out, exist_ok=True)
+  entries = sorted(os.listdir(out))
+  marker = os.path.join(out, MARKER)
+  if os.path.exists(marker):
+    doc = _read_json(marker, f"{MARKER} marker")
+    if not isinstance(doc, dict) or doc.get("format") != MARKER_FORMAT:
+      raise ValueError(f"{marker} is not a {MARKER_FORMAT} marker; refusing to write into {out}")
+    return out
+  foreign = [e for e in entries if not e.startswith(MARKER)]  # the marker's temporary names are ours
+  if foreign and not overwrite and not _is_legacy_dataset(out):
+    raise FileExistsError(
+        f"--out {out} already holds {len(foreign)} file(s) prepare did not write (e.g. {foreign[:3]}); use a new or "
+        "empty folder, or pass --overwrite (overwrite=True) to let prepare replace files sharing its names there")
+  _write_json_atomic(marker, {"format": MARKER_FORMAT, "created_by": "pixart_jax.prepare"},
+                     tag=f"tmp{process_index}")
+  return out
+
+
 def _check_or_write_config(out_dir: str, config: dict, process_index: int) -> None:
   path = os.path.join(out_dir, CONFIG)
   if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+    old = _read_json(path, "prepare config")
+    if not isinstance(old, dict):
+      raise ValueError(f"{path} is not a prepare config (a JSON {type(old).__name__}, expected an object)")
     diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
     if diff:
       details = "; ".join(f"{k}: was {old.get(k)!r}, now {config.get(k)!r}" for k in diff)
@@ -162,7 +237,7 @@ class _ShardEncoder:
     except SkipExample as e:
       return _Skipped(e.name or f"item {i}", e.reason, e.detail)
     try:
-      img = image_io.decode_image(ex.image)
+      img = image_io.decode_image(ex.image, max_bytes=self.opts.max_image_bytes)
       h, w = img.shape[:2]
       image_io.check_size(h, w, min_side=self.opts.min_side, max_aspect=self.opts.max_aspect)
       key, (bh, bw) = buckets.closest_bucket(h, w, self.table)
@@ -286,15 +361,16 @@ def _default_barrier(process_count: int) -> None:
 def prepare(source: Source, encoders: Encoders, out_dir: str | os.PathLike, *,
             options: PrepareOptions = PrepareOptions(), source_id: str = "",
             process_index: int | None = None, process_count: int | None = None,
-            barrier: Callable[[], None] | None = None, progress: bool = True) -> dict | None:
+            barrier: Callable[[], None] | None = None, progress: bool = True,
+            overwrite: bool = False) -> dict | None:
   """Encodes `source` into `out_dir` (module doc); resumes finished shards. Returns the manifest
-  on process 0 (None elsewhere). Bad images are skipped and reported, never raised."""
+  on process 0 (None elsewhere). Bad images are skipped and reported, never raised.
+  `out_dir` must be new, empty or ours (`claim_output_dir`); overwrite=True allows any other folder."""
   from tqdm.auto import tqdm
   options.validate()
   out_dir = os.fspath(out_dir)
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
-  os.makedirs(out_dir, exist_ok=True)
   n = len(source)
   if n == 0:
     raise ValueError(f"source {source_id!r} is empty")
@@ -303,6 +379,7 @@ def prepare(source: Source, encoders: Encoders, out_dir: str | os.PathLike, *,
             "shard_size": options.shard_size, "encoders": encoders_info(encoders),
             "resample": options.resample_name, "min_side": options.min_side,
             "max_aspect": options.max_aspect}
+  claim_output_dir(out_dir, overwrite=overwrite, input_dirs=_source_dirs(source), process_index=pi)
   _check_or_write_config(out_dir, config, pi)
   num_shards = math.ceil(n / options.shard_size)
   mine = [j for j in range(pi, num_shards, pc)]

@@ -195,10 +195,16 @@ def is_shard_done(out_dir: str | os.PathLike, shard_id: int) -> bool:
 
 def read_shard_index(out_dir: str | os.PathLike, shard_id: int) -> dict:
   _, idx_path = shard_paths(out_dir, shard_id)
-  with open(idx_path) as f:
-    idx = json.load(f)
-  if idx.get("format") != SHARD_INDEX_FORMAT or len(idx["buckets"]) != idx["records"]:
-    raise ValueError(f"{idx_path} is not a valid {SHARD_INDEX_FORMAT} shard index")
+  try:
+    with open(idx_path, encoding="utf-8") as f:
+      idx = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise RecordError(f"{idx_path} is not a valid {SHARD_INDEX_FORMAT} shard index (not JSON: {e})") from None
+  fields = {"buckets": list, "records": int, "skipped": list, "names": list}
+  if (not isinstance(idx, dict) or idx.get("format") != SHARD_INDEX_FORMAT
+      or any(not isinstance(idx.get(k), t) for k, t in fields.items()) or len(idx["buckets"]) != idx["records"]):
+    raise RecordError(f"{idx_path} is not a valid {SHARD_INDEX_FORMAT} shard index (needs format, records, "
+                      "buckets, names and skipped, with one bucket per record)")
   return idx
 
 

@@ -22,12 +22,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib
+import io
 import json
 import os
 from typing import Any, Callable, Protocol, Sequence
 
-from pixart_jax.data.image_io import ImageLike, SkipExample
+from pixart_jax.data.image_io import ImageLike, SkipExample, read_regular_file
 
+MAX_CAPTION_BYTES = 2**20  # one caption file
+MAX_MANIFEST_BYTES = 4 * 2**30  # a .jsonl / .csv manifest
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 # Registered-name prefix -> module whose import registers it (imported lazily on first use).
@@ -91,11 +94,11 @@ class FolderSource:
 
   def _read_text(self, path: str, name: str, what: str) -> str:
     try:
-      with open(path, "rb") as f:
-        return _check_caption(f.read(), name, what)
-    except OSError as e:
-      raise SkipExample("no_caption", f"cannot read {what} file {os.path.basename(path)}: "
-                        f"{e.strerror or e}", name=name) from None
+      data = read_regular_file(path, MAX_CAPTION_BYTES)
+    except SkipExample as e:
+      reason = "no_caption" if e.reason == "unreadable" else "bad_caption"
+      raise SkipExample(reason, f"cannot read {what} file {os.path.basename(path)}: {e.detail}", name=name) from None
+    return _check_caption(data, name, what)
 
   def __getitem__(self, i: int) -> RawExample:
     rel = self.files[i]
@@ -119,21 +122,28 @@ class ManifestSource:
     self.base = os.path.dirname(os.path.abspath(self.path))
     self.image_field, self.caption_field = image_field, caption_field
     self.long_caption_field = long_caption_field or None
+    try:
+      text = read_regular_file(self.path, MAX_MANIFEST_BYTES).decode("utf-8")
+    except SkipExample as e:
+      raise ValueError(f"manifest {self.path}: {e.detail}") from None
+    except UnicodeDecodeError as e:
+      raise ValueError(f"manifest {self.path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if self.path.endswith(".csv"):
-      with open(self.path, newline="", encoding="utf-8") as f:
-        self.rows = [dict(r) for r in csv.DictReader(f)]
+      try:
+        self.rows = [dict(r) for r in csv.DictReader(io.StringIO(text, newline=""))]
+      except csv.Error as e:
+        raise ValueError(f"manifest {self.path} is not valid CSV ({e})") from None
     else:
       self.rows = []
-      with open(self.path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-          if line.strip():
-            try:
-              row = json.loads(line)
-            except json.JSONDecodeError as e:
-              raise ValueError(f"{self.path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-              raise ValueError(f"{self.path}:{n}: each line must be a JSON object")
-            self.rows.append(row)
+      for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+          try:
+            row = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise ValueError(f"{self.path}:{n}: not valid JSON ({e.msg})") from None
+          if not isinstance(row, dict):
+            raise ValueError(f"{self.path}:{n}: each line must be a JSON object")
+          self.rows.append(row)
     if not self.rows:
       raise ValueError(f"manifest {self.path!r} has no rows")
     missing = [f for f in (image_field, caption_field) if f not in self.rows[0]]
