@@ -134,8 +134,14 @@ def load_lora(path: str | os.PathLike) -> tuple[Adapters, LoraConfig]:
   from pixart_jax.convert.sources import open_tensors
 
   path = pathlib.Path(path)
-  raw = json.loads((path / "lora_config.json").read_text())
-  cfg = LoraConfig(rank=raw["rank"], alpha=raw["alpha"], targets=tuple(raw["targets"]), rslora=raw["rslora"])
+  from pixart_jax.convert.hub import read_json
+  cfg_path = path / "lora_config.json"
+  raw = read_json(cfg_path, "LoRA config")
+  try:
+    cfg = LoraConfig(rank=raw["rank"], alpha=raw["alpha"], targets=tuple(raw["targets"]), rslora=raw["rslora"])
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"{cfg_path} is not a valid LoRA config (needs rank, alpha, targets, rslora): "
+                     f"{type(e).__name__}: {e}") from None
   adapters: Adapters = {}
   with open_tensors(path / "adapters.safetensors") as src:
     for key in src.keys():
@@ -162,7 +168,8 @@ def load_peft_lora(path: str | os.PathLike, dit_cfg: DiTConfig, *, alpha: float 
   conf = {}
   weights = path
   if path.is_dir():
-    conf = json.loads((path / "adapter_config.json").read_text())
+    from pixart_jax.convert.hub import read_json
+    conf = read_json(path / "adapter_config.json", "PEFT adapter config")
     weights = path / "adapter_model.safetensors"
   table = {e.key: e for e in dit_keys.diffusers_table(dit_cfg)}
   pairs: dict[str, dict[str, np.ndarray]] = {}

@@ -15,7 +15,6 @@ weights to continue from), else `state.params`.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import pathlib
 
@@ -128,7 +127,10 @@ def saved_config(src: str | os.PathLike) -> DiTConfig:
   cfg_file = p / "config.json"
   if not cfg_file.exists():
     raise FileNotFoundError(f"workdir {p} has no config.json: pass the model config explicitly")
-  model = json.loads(cfg_file.read_text())["model"]
+  from pixart_jax.convert.hub import read_json
+  model = read_json(cfg_file, "training config").get("model")
+  if not isinstance(model, dict) or not isinstance(model.get("preset"), str):
+    raise ValueError(f"{cfg_file} is not a valid training config: 'model' must be an object with a 'preset' name")
   return from_preset(model["preset"], model["overrides"], what=f"{cfg_file} model.overrides")
 
 

@@ -414,10 +414,14 @@ def _union(paths: list[pathlib.Path], subkey, name: str, expected: dict[str, str
 
 
 def _open_index(index: pathlib.Path, subkey) -> TensorSource:
-  try:
-    weight_map = json.loads(index.read_text())["weight_map"]
-  except (KeyError, TypeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{index}: not a sharded-checkpoint index (needs a 'weight_map'): {e}") from None
+  from pixart_jax.convert.hub import read_json
+  weight_map = read_json(index, "sharded-checkpoint index").get("weight_map")
+  if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+    raise ValueError(f"{index}: not a sharded-checkpoint index: 'weight_map' must be an object mapping tensor names "
+                     f"to shard file names, got {type(weight_map).__name__}")
+  bad = sorted(f for f in set(weight_map.values()) if pathlib.PurePath(f).name != f)
+  if bad:
+    raise ValueError(f"{index}: shard names {bad[:5]} are paths; an index may only name files next to it")
   files = sorted(set(weight_map.values()))
   missing = [f for f in files if not (index.parent / f).is_file()]
   if missing:

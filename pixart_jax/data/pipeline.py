@@ -25,7 +25,6 @@ with exactly the next batch; it is an Orbax item through `grain.checkpoint.Check
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping
 
@@ -48,8 +47,8 @@ def load_manifest(data_dir: str | os.PathLike) -> dict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found: is {data_dir!r} a dataset written by prepare "
                             "(it writes the manifest last)?")
-  with open(path) as f:
-    manifest = json.load(f)
+  from pixart_jax.convert.hub import read_json
+  manifest = read_json(path, "prepared-dataset manifest")
   if manifest.get("format") != MANIFEST_FORMAT:
     raise ValueError(f"{path} is not a {MANIFEST_FORMAT} manifest (format {manifest.get('format')!r})")
   return manifest

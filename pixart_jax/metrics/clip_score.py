@@ -15,7 +15,6 @@ cuts the ids (dropping EOS); only such over-long captions can score differently.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
@@ -23,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixart_jax.convert.hub import resolve_local
+from pixart_jax.convert.hub import read_json, resolve_local
 from pixart_jax.metrics.clip import CLIPModel
 from pixart_jax.metrics.clip_preprocess import CLIPImageConfig, clip_preprocess
 from pixart_jax.metrics.sharded import ShardedApply
@@ -95,8 +94,7 @@ class CLIPScorer:
                       progress=progress)
     proc = local / "preprocessor_config.json"
     if proc.is_file():
-      with open(proc) as f:
-        image_config = CLIPImageConfig.from_hf_config(json.load(f))
+      image_config = CLIPImageConfig.from_hf_config(read_json(proc, "CLIP preprocessor config"))
     else:
       image_config = CLIPImageConfig.for_image_size(model.config.vision.image_size)
     return cls(model, T5PromptTokenizer.from_pretrained(local), image_config, mesh=mesh, rules=rules)
