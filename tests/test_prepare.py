@@ -344,3 +344,58 @@ def test_cli_end_to_end_matches_torch_reference(tmp_path):
     n = int(mask.sum())
     assert rec.caption_len == n
     np.testing.assert_allclose(rec.caption_emb.astype(np.float32), emb[:n], rtol=2 ** -8, atol=1e-5)
+
+
+def test_fifo_and_device_named_as_images_are_skipped(tmp_path, pixel_encoders):
+  """A FIFO and a /dev/zero link named as images (and a FIFO caption): skipped as not_a_file / bad_caption, the real
+  image encoded. Before, the FIFO blocked forever and /dev/zero exhausted memory."""
+  import signal
+
+  src = tmp_path / "src"
+  src.mkdir()
+  _save(src / "good.png", (64, 64), 0)
+  os.mkfifo(src / "fifo.png")
+  os.symlink("/dev/zero", src / "zero.png")
+  _save(src / "cap.png", (64, 64), 1)
+  for n in ("good", "fifo", "zero"):
+    (src / f"{n}.txt").write_text(CAPTIONS[0])
+  os.symlink("/dev/zero", src / "cap.txt")
+
+  def alarm(*_):
+    raise TimeoutError("prepare blocked on a FIFO")
+
+  old = signal.signal(signal.SIGALRM, alarm)
+  signal.alarm(120)
+  try:
+    manifest = prepare_lib.prepare(sources.resolve_source(str(src)), pixel_encoders, tmp_path / "out",
+                                   options=prepare_lib.PrepareOptions(table=TABLE, batch_size=2, min_side=16),
+                                   progress=False)
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+  assert manifest["num_records"] == 1
+  assert {f["name"]: f["reason"] for f in manifest["skipped"]["files"]} == {
+      "fifo.png": "not_a_file", "zero.png": "not_a_file", "cap.png": "no_caption"}
+
+
+def test_prepare_refuses_a_foreign_output_folder(tmp_path, pixel_encoders):
+  """An unrelated folder holding manifest.json / data-00000.* is refused before anything is written; --overwrite
+  (overwrite=True) lets prepare write there."""
+  src = tmp_path / "src"
+  src.mkdir()
+  _save(src / "a.png", (64, 64), 0)
+  (src / "a.txt").write_text(CAPTIONS[0])
+  out = tmp_path / "mine"
+  out.mkdir()
+  (out / "manifest.json").write_text("precious")
+  (out / "notes.txt").write_text("mine")
+  opts = prepare_lib.PrepareOptions(table=TABLE, batch_size=2, min_side=16)
+  with pytest.raises(FileExistsError, match="prepare did not write"):
+    prepare_lib.prepare(sources.resolve_source(str(src)), pixel_encoders, out, options=opts, progress=False)
+  assert sorted(os.listdir(out)) == ["manifest.json", "notes.txt"] and (out / "manifest.json").read_text() == "precious"
+  with pytest.raises(ValueError, match="overlaps the input folder"):
+    prepare_lib.prepare(sources.resolve_source(str(src)), pixel_encoders, src / "out", options=opts, progress=False)
+  assert not (src / "out").exists()
+  manifest = prepare_lib.prepare(sources.resolve_source(str(src)), pixel_encoders, out, options=opts,
+                                 progress=False, overwrite=True)
+  assert manifest["num_records"] == 1 and (out / "notes.txt").read_text() == "mine"
