@@ -43,12 +43,26 @@ flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation c
 flags.DEFINE_boolean("no_binning", False, "Sample exactly at --size (must be a multiple of 16).")
 
 
+def read_prompts_file(path: str) -> list[str]:
+  """The non-blank lines of a UTF-8 text file; ValueError naming the file and the byte offset of bad text."""
+  data = pathlib.Path(path).read_bytes()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"--prompts_file {path}: not UTF-8 text (byte offset {e.start}: {data[e.start:e.start + 4]!r}); "
+                     "save it as UTF-8") from None
+  return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def _prompts() -> list[str]:
   prompts = list(FLAGS.prompt)
   if FLAGS.prompts_file:
-    prompts += [line.strip() for line in pathlib.Path(FLAGS.prompts_file).read_text().splitlines() if line.strip()]
+    from_file = read_prompts_file(FLAGS.prompts_file)
+    if not from_file:
+      raise ValueError(f"--prompts_file {FLAGS.prompts_file} holds no prompt (only blank lines)")
+    prompts += from_file
   if not prompts:
-    raise app.UsageError("give --prompt (repeatable) or --prompts_file")
+    raise ValueError("no prompt: give --prompt (repeatable) or --prompts_file")
   return [p for p in prompts for _ in range(FLAGS.images_per_prompt)]
 
 
@@ -57,8 +71,22 @@ def _size() -> tuple[int | None, int | None]:
     return None, None
   m = re.fullmatch(r"(\d+)[xX](\d+)", FLAGS.size)
   if not m:
-    raise app.UsageError(f"--size must look like 1024x768 (WIDTHxHEIGHT), got {FLAGS.size!r}")
-  return int(m.group(2)), int(m.group(1))
+    raise ValueError(f"--size must look like 1024x768 (WIDTHxHEIGHT in pixels), got {FLAGS.size!r}")
+  w, h = int(m.group(1)), int(m.group(2))
+  if not (w and h):
+    raise ValueError(f"--size {FLAGS.size}: width and height must be positive pixel counts, e.g. 1024x768")
+  return h, w
+
+
+def _check_flags() -> None:
+  """Every numeric flag, before any model loads (Pipeline.__call__ checks the same values by the same rules)."""
+  from pixart_jax import checks
+
+  checks.positive("--batch_size", FLAGS.batch_size)
+  checks.positive("--images_per_prompt", FLAGS.images_per_prompt)
+  checks.positive("--steps", FLAGS.steps, allow_none=True)
+  checks.finite("--guidance", FLAGS.guidance)
+  checks.seed("--seed", FLAGS.seed)
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -72,13 +100,17 @@ def main(argv):
   from tqdm import tqdm
 
   import pixart_jax as pj
+  from pixart_jax import checks
   from pixart_jax.images import contact_sheet, save_png
 
   logging.getLogger().setLevel(logging.INFO)
   if FLAGS.compilation_cache_dir:
     pj.enable_compilation_cache(FLAGS.compilation_cache_dir)
+  _check_flags()
   prompts = _prompts()
   height, width = _size()
+  last_seed = FLAGS.seed + (len(prompts) - 1) // FLAGS.batch_size
+  checks.seed("--seed + the number of batches - 1 (the last batch's seed)", last_seed)
   out = pathlib.Path(FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
   dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
@@ -116,7 +148,9 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  from pixart_jax import cli_errors
+
+  app.run(cli_errors.guard(main))
 
 
 if __name__ == "__main__":

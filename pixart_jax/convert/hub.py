@@ -76,13 +76,21 @@ def component_dir(path: str | os.PathLike, component: str, what: str) -> pathlib
   raise FileNotFoundError(f"{path} holds neither a {what} config.json nor a {component}/ subfolder with one")
 
 
-def read_config(model_dir: str | os.PathLike, parse: Callable[[dict], T]) -> T:
-  """`parse` of `model_dir/config.json` (a transformers / diffusers config, e.g. `T5Config.from_hf_config`); a
-  ValueError or TypeError it raises is re-raised as one ValueError naming the file."""
-  path = pathlib.Path(model_dir) / "config.json"
-  with open(path) as f:
-    raw = json.load(f)
+def read_config(model_dir: str | os.PathLike, parse: Callable[[dict], T], *, name: str = "config.json") -> T:
+  """`parse` of `model_dir/<name>` (a transformers / diffusers config, e.g. `T5Config.from_hf_config`). A file that
+  is not UTF-8 JSON holding an object, or a ValueError / TypeError / KeyError / AttributeError from `parse` (a
+  wrong-typed field), is re-raised as one ValueError naming the file."""
+  path = pathlib.Path(model_dir) / name
+  try:
+    with open(path, encoding="utf-8") as f:
+      raw = json.load(f)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); expected a JSON config") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+  if not isinstance(raw, dict):
+    raise ValueError(f"{path}: expected a JSON object of config fields, got a JSON {type(raw).__name__}")
   try:
     return parse(raw)
-  except (ValueError, TypeError) as e:
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
     raise ValueError(f"{path}: {e}") from None

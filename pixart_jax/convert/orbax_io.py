@@ -40,7 +40,9 @@ def config_from_json(d: dict) -> DiTConfig:
 
 def read_config(path: str | os.PathLike) -> DiTConfig:
   """The DiTConfig of a converted directory."""
-  return config_from_json(json.loads((pathlib.Path(path) / CONFIG_FILE).read_text()))
+  from pixart_jax.convert.hub import read_config as read_json_config
+
+  return read_json_config(path, config_from_json, name=CONFIG_FILE)
 
 
 def save_transformer_orbax(model: PixArtSigma, out_dir: str | os.PathLike) -> pathlib.Path:
@@ -74,4 +76,8 @@ def load_transformer_orbax(path: str | os.PathLike, *, dtype=jnp.float32, param_
     shardings = jax.tree.map(lambda _: dev, params)
   target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), params, shardings)
   restored = ocp.StandardCheckpointer().restore(path / "params", target)
+  from pixart_jax.convert.strict import check_finite
+
+  check_finite({tuple(k): v.get_value() if isinstance(v, nnx.Variable) else v
+                for k, v in nnx.to_flat_state(restored)}, str(path))
   return nnx.merge(graphdef, restored, rest)
