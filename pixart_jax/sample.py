@@ -49,8 +49,9 @@ def read_prompts_file(path: str) -> list[str]:
   try:
     text = data.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise ValueError(f"--prompts_file {path}: not UTF-8 text (byte offset {e.start}: {data[e.start:e.start + 4]!r}); "
-                     "save it as UTF-8") from None
+    bad = data[e.start:e.start + 4]
+    raise ValueError(f"--prompts_file {path}: not UTF-8 text (byte offset {e.start}: {bad!r}); save it as UTF-8"
+                     ) from None
   return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -111,37 +112,36 @@ def main(argv):
   height, width = _size()
   last_seed = FLAGS.seed + (len(prompts) - 1) // FLAGS.batch_size
   checks.seed("--seed + the number of batches - 1 (the last batch's seed)", last_seed)
-  out = pathlib.Path(FLAGS.out)
-  out.mkdir(parents=True, exist_ok=True)
   dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
   t0 = time.perf_counter()
   pipe = pj.Pipeline.from_pretrained(FLAGS.model, transformer=FLAGS.transformer, dtype=dtype, progress=True)
   logging.info("loaded models in %.1fs", time.perf_counter() - t0)
+  out = pathlib.Path(FLAGS.out)
+  out.mkdir(parents=True, exist_ok=True)
   all_images, written = [], []
-  bar = tqdm(total=len(prompts), unit="img", desc="sampling")
-  for start in range(0, len(prompts), FLAGS.batch_size):
-    batch = prompts[start:start + FLAGS.batch_size]
-    seed = FLAGS.seed + start // FLAGS.batch_size
-    first = pipe.num_traces
-    timings: dict = {}
-    bar.set_description(f"batch {start // FLAGS.batch_size}: encode+sample")
-    images = pipe(batch, negative_prompt=FLAGS.negative, height=height, width=width, steps=FLAGS.steps,
-                  guidance_scale=FLAGS.guidance, sampler=FLAGS.sampler, seed=seed, guidance_mode=FLAGS.guidance_mode,
-                  use_resolution_binning=not FLAGS.no_binning, timings=timings)
-    compiled = pipe.num_traces > first
-    bar.set_postfix(compile_and_sample=f"{timings['denoise']:.1f}s" if compiled else None,
-                    sample=None if compiled else f"{timings['denoise']:.1f}s", decode=f"{timings['decode']:.1f}s")
-    for i, (prompt, img) in enumerate(zip(batch, images)):
-      meta = {"prompt": prompt, "negative_prompt": FLAGS.negative, "seed": seed, "batch_index": i,
-              "sampler": FLAGS.sampler, "steps": FLAGS.steps or "default", "guidance_scale": FLAGS.guidance,
-              "guidance_mode": FLAGS.guidance_mode, "size": f"{img.shape[1]}x{img.shape[0]}", "model": FLAGS.model,
-              "transformer": FLAGS.transformer or "", "software": "pixart_jax"}
-      path = out / f"{start + i:04d}_{_slug(prompt)}.png"
-      save_png(img, path, meta)
-      written.append(path)
-    all_images.extend(images)
-    bar.update(len(batch))
-  bar.close()
+  with tqdm(total=len(prompts), unit="img", desc="sampling") as bar:  # closed (newline) on errors too
+    for start in range(0, len(prompts), FLAGS.batch_size):
+      batch = prompts[start:start + FLAGS.batch_size]
+      seed = FLAGS.seed + start // FLAGS.batch_size
+      first = pipe.num_traces
+      timings: dict = {}
+      bar.set_description(f"batch {start // FLAGS.batch_size}: encode+sample")
+      images = pipe(batch, negative_prompt=FLAGS.negative, height=height, width=width, steps=FLAGS.steps,
+                    guidance_scale=FLAGS.guidance, sampler=FLAGS.sampler, seed=seed,
+                    guidance_mode=FLAGS.guidance_mode, use_resolution_binning=not FLAGS.no_binning, timings=timings)
+      compiled = pipe.num_traces > first
+      bar.set_postfix(compile_and_sample=f"{timings['denoise']:.1f}s" if compiled else None,
+                      sample=None if compiled else f"{timings['denoise']:.1f}s", decode=f"{timings['decode']:.1f}s")
+      for i, (prompt, img) in enumerate(zip(batch, images)):
+        meta = {"prompt": prompt, "negative_prompt": FLAGS.negative, "seed": seed, "batch_index": i,
+                "sampler": FLAGS.sampler, "steps": FLAGS.steps or "default", "guidance_scale": FLAGS.guidance,
+                "guidance_mode": FLAGS.guidance_mode, "size": f"{img.shape[1]}x{img.shape[0]}",
+                "model": FLAGS.model, "transformer": FLAGS.transformer or "", "software": "pixart_jax"}
+        path = out / f"{start + i:04d}_{_slug(prompt)}.png"
+        save_png(img, path, meta)
+        written.append(path)
+      all_images.extend(images)
+      bar.update(len(batch))
   if len(all_images) > 1 and len({im.shape for im in all_images}) == 1:
     contact_sheet(np.stack(all_images)).save(out / "contact_sheet.png")
   logging.info("wrote %d images to %s", len(written), out)

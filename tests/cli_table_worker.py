@@ -32,8 +32,11 @@ def _absl_row(module, argv: list[str]) -> tuple[int, str]:
   with contextlib.redirect_stderr(err):
     try:
       fv.unparse_flags()
+      for name in [n for n in fv if "." in n]:  # config override flags (defined by each parse of --config)
+        delattr(fv, name)
+      sys.argv = [module.__name__] + argv  # ml_collections' config flags read their overrides from sys.argv
       try:
-        rest = fv([module.__name__] + argv)
+        rest = fv(sys.argv)
       except flags.Error as e:  # what absl's app.run does with a flag it cannot parse
         print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
         return 1, err.getvalue()

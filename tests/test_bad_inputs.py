@@ -54,7 +54,7 @@ CLI_ROWS = [
      "--seed must be an integer in [0, 2**32 - 1]"),
     ("sample-no-prompt", "pixart_jax.sample", ["--model", "{pipe}"], "no prompt: give --prompt"),
     ("sample-prompts-not-utf8", "pixart_jax.sample", ["--model", "{pipe}", "--prompts_file", "{latin1}"],
-     "prompts_latin1.txt: not UTF-8 text (byte offset 8"),
+     "prompts_latin1.txt: not UTF-8 text (byte offset 12"),
     ("sample-prompts-blank", "pixart_jax.sample", ["--model", "{pipe}", "--prompts_file", "{blank}"],
      "prompts_blank.txt holds no prompt"),
     ("sample-prompts-missing", "pixart_jax.sample", ["--model", "{pipe}", "--prompts_file", "{tmp}/nope.txt"],
