@@ -294,7 +294,6 @@ PIPE_ROWS = [
     ("width-negative", dict(height=256, width=-8), "width (pixels) must be a positive integer (>= 1), got -8"),
     ("seed-2**64", dict(seed=2**64), "seed must be an integer in [0, 2**32 - 1]"),
     ("seed-negative", dict(seed=-3), "seed must be an integer in [0, 2**32 - 1], got -3"),
-    ("sampler-unknown", dict(sampler="euler", steps=0), "unknown sampler 'euler'"),
 ]
 
 
