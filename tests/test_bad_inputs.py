@@ -114,7 +114,7 @@ CLI_ROWS = [
     ("train-log-every-0", "pixart_jax.train.__main__",
      ["--config", SMOKE, "--workdir", "{tmp}/t", "--config.log_every=0"], "log_every must be a positive integer"),
     ("train-steps-negative", "pixart_jax.train.__main__",
-     ["--config", SMOKE, "--workdir", "{tmp}/t", "--config.steps=-5"], "steps must be a positive integer"),
+     ["--config", SMOKE, "--workdir", "{tmp}/t", "--config.steps=-5"], "steps must be an integer >= 0, got -5"),
     ("train-lr-negative", "pixart_jax.train.__main__",
      ["--config", SMOKE, "--workdir", "{tmp}/t", "--config.optimizer.lr=-1.0"],
      "optimizer.lr must be a finite number > 0, got -1.0"),

@@ -193,9 +193,10 @@ def check_config(c: mlc.ConfigDict) -> None:
       if v is not _ABSENT:
         fn(path, v, **kw)
 
-  each(checks.positive, ("steps", "log_every", "ckpt_every", "keep", "grad_accum", "data.batch_size",
+  each(checks.positive, ("log_every", "ckpt_every", "keep", "grad_accum", "data.batch_size",
                          "data.synthetic_examples", "sample.num_steps", "optimizer.base_batch"))
-  each(checks.non_negative, ("data.num_workers", "sample.every", "optimizer.warmup"))
+  # steps = 0 returns the state the run starts from, without training (weak-to-strong checks use it)
+  each(checks.non_negative, ("steps", "data.num_workers", "sample.every", "optimizer.warmup"))
   each(checks.seed, ("seed", "sample.seed"))
   if get("data.shuffle_seed") not in (None, _ABSENT):
     checks.seed("data.shuffle_seed", get("data.shuffle_seed"))
