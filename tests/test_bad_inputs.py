@@ -355,13 +355,19 @@ def test_train_config_recipes_pass():
 
   from pixart_jax.train.config_defaults import check_config
 
-  for f in sorted((ROOT / "configs").glob("*.py")):
-    spec = importlib.util.spec_from_file_location(f"_cfg_{f.stem}", f)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if hasattr(module, "get_config"):
+  sys.path.insert(0, str(ROOT / "configs"))
+  try:
+    for f in sorted((ROOT / "configs").glob("**/*.py")):
+      if f.name.startswith("_"):
+        continue
+      spec = importlib.util.spec_from_file_location(f"_cfg_{f.parent.name}_{f.stem}", f)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
       check_config(module.get_config())
-      check_config(module.get_config("smoke"))
+      if f.parent.name == "configs":
+        check_config(module.get_config("smoke"))
+  finally:
+    sys.path.remove(str(ROOT / "configs"))
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -377,3 +383,25 @@ def test_dit_config_refuses_wrong_types(field, value, message):
   with pytest.raises(ValueError) as e:
     DiTConfig(**{field: value})
   assert message in str(e.value)
+
+
+def test_guard_turns_user_errors_into_one_line_and_keeps_bugs(capsys):
+  """cli_errors.guard: ValueError / OSError -> `error: ...` and SystemExit(1); any other exception propagates."""
+  from pixart_jax import cli_errors
+
+  def fails(exc):
+    def main(argv):
+      raise exc
+    return main
+
+  cases = [(ValueError("--steps must be >= 1, got 0\nsecond line"), "error: --steps must be >= 1, got 0 second line"),
+           (FileNotFoundError(2, "No such file or directory", "/x/y"), "error: /x/y: No such file or directory")]
+  for exc, line in cases:
+    with pytest.raises(SystemExit) as e:
+      cli_errors.guard(fails(exc), verbose=lambda: False)([])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip() == line
+  with pytest.raises(KeyError):  # a bug keeps its traceback
+    cli_errors.guard(fails(KeyError("k")), verbose=lambda: False)([])
+  assert cli_errors.verbosity_in(["--verbosity=2"]) == 2 and cli_errors.verbosity_in(["-v", "1"]) == 1
+  assert cli_errors.verbosity_in(["--steps", "3"]) == 0
