@@ -181,6 +181,17 @@ def sample_digits(graphdef, params, text, per_digit: int, guidance: float, seed:
   return np.asarray(guided), np.asarray(plain), labels
 
 
+def _check_flags() -> None:
+  from pixart_jax import checks
+
+  checks.positive("--steps", FLAGS.steps)
+  checks.positive("--batch_size", FLAGS.batch_size)
+  checks.positive("--per_digit", FLAGS.per_digit)
+  checks.finite("--guidance", FLAGS.guidance)
+  checks.seed("--seed", FLAGS.seed)
+  checks.seed("--seed + 1 (the sampling seed)", FLAGS.seed + 1)
+
+
 def main(argv):
   del argv
   import jax
@@ -194,6 +205,7 @@ def main(argv):
   from pixart_jax.images import contact_sheet, to_uint8
   from pixart_jax.train.loop import model_spec, train_and_evaluate
 
+  _check_flags()
   logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger("pixart_jax").setLevel(logging.INFO)
   work = pathlib.Path(FLAGS.workdir).absolute()
@@ -252,7 +264,9 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  from pixart_jax import cli_errors
+
+  app.run(cli_errors.guard(main))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pixart_jax import checks
 from pixart_jax.data import buckets
 from pixart_jax.diffusion import samplers
 from pixart_jax.diffusion.denoise import STATIC_ARGNAMES, denoise
@@ -69,11 +70,33 @@ def resize_cover_crop(images: jax.Array, height: int, width: int) -> jax.Array:
   return out[:, y0:y0 + height, x0:x0 + width]
 
 
+def check_call_args(*, steps: int | None = None, guidance_scale: float = 4.5, seed: int = 0,
+                    height: int | None = None, width: int | None = None, sampler: str = "dpm-solver") -> None:
+  """Refuses what `Pipeline.__call__` cannot sample, before any work (the `sample` CLI calls it before loading):
+  ValueError naming the argument, its value and what is valid."""
+  if sampler not in samplers.SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(samplers.SAMPLERS)}")
+  checks.positive("steps", steps, allow_none=True)
+  checks.finite("guidance_scale", guidance_scale)
+  checks.seed("seed", seed)
+  checks.positive("height (pixels)", height, allow_none=True)
+  checks.positive("width (pixels)", width, allow_none=True)
+
+
 class Pipeline:
   """PixArt-Sigma text-to-image on one device or a mesh."""
 
   def __init__(self, text_encoder: TextEncoder, transformer: PixArtSigma, vae: AutoencoderKL, *,
                mesh: jax.sharding.Mesh | None = None, rules=LOGICAL_RULES):
+    cfg = transformer.cfg
+    width = getattr(text_encoder, "hidden_size", None)
+    if width is not None and width != cfg.caption_channels:
+      raise ValueError(f"the transformer takes {cfg.caption_channels}-wide caption features (caption_channels) but "
+                       f"the text encoder gives {width}-wide ones: pair the transformer with its own T5")
+    latent = getattr(getattr(vae, "config", None), "latent_channels", None)
+    if latent is not None and latent != cfg.in_channels:
+      raise ValueError(f"the transformer takes {cfg.in_channels}-channel latents (in_channels) but the VAE gives "
+                       f"{latent}-channel ones: pair the transformer with its own VAE")
     self.text_encoder, self.transformer, self.vae = text_encoder, transformer, vae
     self.mesh, self.rules = mesh, rules
     if mesh is not None:
@@ -133,8 +156,10 @@ class Pipeline:
     """-> (sample height, sample width, output height, output width) in pixels."""
     cfg = self.transformer.cfg
     f = self.vae.config.downsample_factor
-    height = height or cfg.sample_size * f
-    width = width or cfg.sample_size * f
+    height = cfg.sample_size * f if height is None else height
+    width = cfg.sample_size * f if width is None else width
+    checks.positive("height (pixels)", height)
+    checks.positive("width (pixels)", width)
     if use_resolution_binning:
       table = buckets.bin_table_for_sample_size(cfg.sample_size)
       buckets.check_request(height, width, table)
@@ -164,11 +189,16 @@ class Pipeline:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     b = len(prompts)
     negs = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
+    if not b:
+      raise ValueError("prompts is empty: give at least one prompt")
+    bad = [p for p in prompts + negs if not isinstance(p, str)]
+    if bad:
+      raise ValueError(f"prompts must be strings, got {bad[0]!r} ({type(bad[0]).__name__})")
     if len(negs) != b:
       raise ValueError(f"{len(negs)} negative prompts for {b} prompts")
-    if sampler not in samplers.SAMPLERS:
-      raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(samplers.SAMPLERS)}")
-    steps = steps or samplers.DEFAULT_STEPS[sampler]
+    check_call_args(steps=steps, guidance_scale=guidance_scale, seed=seed, height=height, width=width,
+                    sampler=sampler)
+    steps = samplers.DEFAULT_STEPS[sampler] if steps is None else steps
     sh, sw, oh, ow = self.resolve_size(height, width, use_resolution_binning)
     f = self.vae.config.downsample_factor
     lat_shape = (sh // f, sw // f, self.transformer.cfg.in_channels)

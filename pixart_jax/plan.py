@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--steps", type=int, default=20, help="sampler steps (DPM-Solver++; memory does not depend on it)")
   ap.add_argument("--no-guidance", action="store_true", help="sample without classifier-free guidance")
   ap.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+  ap.add_argument("-v", "--verbosity", type=int, default=0, help="1 or more: a traceback with every error")
   return ap
 
 
@@ -134,7 +135,7 @@ def _devices(args):
   try:
     return topologies.get_topology_desc(args.topology, "tpu").devices
   except RuntimeError as e:
-    raise SystemExit(f"--topology {args.topology}: {e}\n(install libtpu, e.g. `pip install -e .[tpu]`; "
+    raise ValueError(f"--topology {args.topology}: {e} (install libtpu, e.g. `pip install -e .[tpu]`; "
                      "no TPU hardware is needed for ahead-of-time compilation)") from None
 
 
@@ -147,10 +148,20 @@ def _dtype(name: str):
   return table[name]
 
 
+def _check_args(args) -> None:
+  from pixart_jax import checks
+
+  checks.positive("--devices", args.devices, allow_none=True)
+  checks.positive("--batch", args.batch, allow_none=True)
+  checks.positive("--grad-accum", args.grad_accum, allow_none=True)
+  checks.positive("--steps", args.steps)
+
+
 def main(argv: list[str] | None = None, *, reexec: bool = False) -> list[dict]:
   """Parses `argv`, compiles, prints; returns the plans as dicts. reexec: allow restarting the process to get the
   fake device count (only for the command line entry)."""
   args = build_parser().parse_args(argv)
+  _check_args(args)
   config = _load_config(args.config) if args.config else None
   mesh_text = args.mesh
   if mesh_text is None and config is not None:
@@ -158,12 +169,9 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> list[dict]:
     if m is not None:
       mesh_text = ",".join(f"{k}={v}" for k, v in (m.items() if hasattr(m, "items") else m))
   if mesh_text is None:
-    raise SystemExit("--mesh is required (e.g. --mesh fsdp=8), or a config with a `mesh` entry")
-  try:
-    mesh_spec = _parse_mesh(mesh_text)
-    _setup_devices(args, mesh_spec, reexec)
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
+    raise ValueError("--mesh is required (e.g. --mesh fsdp=8), or a config with a `mesh` entry")
+  mesh_spec = _parse_mesh(mesh_text)
+  _setup_devices(args, mesh_spec, reexec)
 
   from pixart_jax.models.attention_backends import AttentionOptions
   from pixart_jax.models.config import from_preset
@@ -173,37 +181,34 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> list[dict]:
 
   preset = args.preset or (_get(config, "model.preset", "model.name", "preset") if config is not None else None)
   if preset is None:
-    raise SystemExit("name the model: --preset NAME or a config with model.preset")
+    raise ValueError("name the model: --preset NAME or a config with model.preset")
   overrides = dict(_get(config, "model.overrides", default={}) or {}) if config is not None else {}
   attention = _get(config, "model.attention") if config is not None else None
-  try:
-    cfg = from_preset(str(preset), overrides)
-    mesh = make_mesh(mesh_spec, devices=_devices(args))
-    h, w = _parse_res(args.res) if args.res else (cfg.image_size, cfg.image_size)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch = args.batch or (_get(config, "batch_size", "data.global_batch", "train.batch_size")
-                           if config is not None else None) or shards
-    cget = (lambda *p, default=None: _get(config, *p, default=default)) if config is not None else (
-        lambda *p, default=None: default)
-    opt_dict = cget("optimizer", default=None)
-    opt = OptimizerConfig.from_dict(dict(opt_dict)) if opt_dict is not None else OptimizerConfig()
-    if args.optimizer:
-      opt = (OptimizerConfig.from_dict(dict(name=args.optimizer, betas=(0.9, 0.999), eps=1e-8))
-             if args.optimizer == "adamw" else OptimizerConfig.from_dict(dict(name=args.optimizer)))
-    work = planning.Workload(
-        cfg, (h // 8, w // 8), int(batch),
-        dtype=_dtype(args.dtype or str(cget("model.dtype", "dtype", default="bfloat16"))),
-        param_dtype=_dtype(args.param_dtype or str(cget("model.param_dtype", "param_dtype", default="float32"))),
-        remat=args.remat or str(cget("model.remat", "remat", default="full")),
-        ema=bool(args.ema if args.ema is not None else cget("ema.rate", default=None) is not None),
-        grad_accum=args.grad_accum or int(cget("grad_accum", "train.grad_accum", default=1)),
-        steps=args.steps, guidance=not args.no_guidance, attention=AttentionOptions.parse(attention))
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
+  cfg = from_preset(str(preset), overrides)
+  mesh = make_mesh(mesh_spec, devices=_devices(args))
+  h, w = _parse_res(args.res) if args.res else (cfg.image_size, cfg.image_size)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch = args.batch or (_get(config, "batch_size", "data.global_batch", "train.batch_size")
+                         if config is not None else None) or shards
+  cget = (lambda *p, default=None: _get(config, *p, default=default)) if config is not None else (
+      lambda *p, default=None: default)
+  opt_dict = cget("optimizer", default=None)
+  opt = OptimizerConfig.from_dict(dict(opt_dict)) if opt_dict is not None else OptimizerConfig()
+  if args.optimizer:
+    opt = (OptimizerConfig.from_dict(dict(name=args.optimizer, betas=(0.9, 0.999), eps=1e-8))
+           if args.optimizer == "adamw" else OptimizerConfig.from_dict(dict(name=args.optimizer)))
+  work = planning.Workload(
+      cfg, (h // 8, w // 8), int(batch),
+      dtype=_dtype(args.dtype or str(cget("model.dtype", "dtype", default="bfloat16"))),
+      param_dtype=_dtype(args.param_dtype or str(cget("model.param_dtype", "param_dtype", default="float32"))),
+      remat=args.remat or str(cget("model.remat", "remat", default="full")),
+      ema=bool(args.ema if args.ema is not None else cget("ema.rate", default=None) is not None),
+      grad_accum=args.grad_accum or int(cget("grad_accum", "train.grad_accum", default=1)),
+      steps=args.steps, guidance=not args.no_guidance, attention=AttentionOptions.parse(attention))
   what = [x.strip() for x in args.what.split(",") if x.strip()]
   bad = [x for x in what if x not in ("train", "sample")]
   if bad or not what:
-    raise SystemExit(f"error: --what takes train and/or sample, got {args.what!r}")
+    raise ValueError(f"--what takes train and/or sample, got {args.what!r}")
 
   method = (f"TPU ahead-of-time compile for topology {args.topology} (libtpu)" if args.topology else
             f"CPU compile of the SPMD program on {mesh.devices.size} fake CPU devices")
@@ -223,8 +228,10 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> list[dict]:
 
 
 def run() -> None:
-  """Console entry point (`pixart-plan`)."""
-  main(reexec=True)
+  """Console entry point (`pixart-plan`): errors are one `error:` line and exit code 1 (`-v 1`: traceback)."""
+  from pixart_jax import cli_errors
+
+  cli_errors.run(main, sys.argv[1:], reexec=True)
 
 
 if __name__ == "__main__":

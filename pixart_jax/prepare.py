@@ -77,6 +77,11 @@ def main(argv):
   from pixart_jax.data import prepare_lib, sources
   from pixart_jax.data.encoders import PretrainedEncoders
 
+  options = prepare_lib.PrepareOptions(
+      table=_TABLE.value, shard_size=_SHARD_SIZE.value, batch_size=_BATCH_SIZE.value,
+      resample=_RESAMPLE.value or None, min_side=_MIN_SIDE.value, max_aspect=_MAX_ASPECT.value,
+      num_threads=_THREADS.value, max_image_bytes=_MAX_IMAGE_MB.value * 2**20)
+  options.validate()  # bad numbers fail before any model loads
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   spec = _SOURCE.value
@@ -87,10 +92,6 @@ def main(argv):
   source_id = os.path.abspath(spec) if os.path.exists(spec) else spec
   encoders = PretrainedEncoders.from_pretrained(
       _ENCODERS.value, dtype=jnp.dtype(_DTYPE.value), progress=_PROGRESS.value)
-  options = prepare_lib.PrepareOptions(
-      table=_TABLE.value, shard_size=_SHARD_SIZE.value, batch_size=_BATCH_SIZE.value,
-      resample=_RESAMPLE.value or None, min_side=_MIN_SIDE.value, max_aspect=_MAX_ASPECT.value,
-      num_threads=_THREADS.value, max_image_bytes=_MAX_IMAGE_MB.value * 2**20)
   manifest = prepare_lib.prepare(source, encoders, _OUT.value, options=options,
                                  source_id=source_id, progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
   if manifest is not None:
@@ -99,7 +100,9 @@ def main(argv):
 
 def run():
   """Console-script entry point (`pixart-prepare`)."""
-  app.run(main)
+  from pixart_jax import cli_errors
+
+  app.run(cli_errors.guard(main))
 
 
 if __name__ == "__main__":

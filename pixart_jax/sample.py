@@ -43,12 +43,27 @@ flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation c
 flags.DEFINE_boolean("no_binning", False, "Sample exactly at --size (must be a multiple of 16).")
 
 
+def read_prompts_file(path: str) -> list[str]:
+  """The non-blank lines of a UTF-8 text file; ValueError naming the file and the byte offset of bad text."""
+  data = pathlib.Path(path).read_bytes()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    bad = data[e.start:e.start + 4]
+    raise ValueError(f"--prompts_file {path}: not UTF-8 text (byte offset {e.start}: {bad!r}); save it as UTF-8"
+                     ) from None
+  return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def _prompts() -> list[str]:
   prompts = list(FLAGS.prompt)
   if FLAGS.prompts_file:
-    prompts += [line.strip() for line in pathlib.Path(FLAGS.prompts_file).read_text().splitlines() if line.strip()]
+    from_file = read_prompts_file(FLAGS.prompts_file)
+    if not from_file:
+      raise ValueError(f"--prompts_file {FLAGS.prompts_file} holds no prompt (only blank lines)")
+    prompts += from_file
   if not prompts:
-    raise app.UsageError("give --prompt (repeatable) or --prompts_file")
+    raise ValueError("no prompt: give --prompt (repeatable) or --prompts_file")
   return [p for p in prompts for _ in range(FLAGS.images_per_prompt)]
 
 
@@ -57,8 +72,22 @@ def _size() -> tuple[int | None, int | None]:
     return None, None
   m = re.fullmatch(r"(\d+)[xX](\d+)", FLAGS.size)
   if not m:
-    raise app.UsageError(f"--size must look like 1024x768 (WIDTHxHEIGHT), got {FLAGS.size!r}")
-  return int(m.group(2)), int(m.group(1))
+    raise ValueError(f"--size must look like 1024x768 (WIDTHxHEIGHT in pixels), got {FLAGS.size!r}")
+  w, h = int(m.group(1)), int(m.group(2))
+  if not (w and h):
+    raise ValueError(f"--size {FLAGS.size}: width and height must be positive pixel counts, e.g. 1024x768")
+  return h, w
+
+
+def _check_flags() -> None:
+  """Every numeric flag, before any model loads (Pipeline.__call__ checks the same values by the same rules)."""
+  from pixart_jax import checks
+
+  checks.positive("--batch_size", FLAGS.batch_size)
+  checks.positive("--images_per_prompt", FLAGS.images_per_prompt)
+  checks.positive("--steps", FLAGS.steps, allow_none=True)
+  checks.finite("--guidance", FLAGS.guidance)
+  checks.seed("--seed", FLAGS.seed)
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -72,51 +101,56 @@ def main(argv):
   from tqdm import tqdm
 
   import pixart_jax as pj
+  from pixart_jax import checks
   from pixart_jax.images import contact_sheet, save_png
 
   logging.getLogger().setLevel(logging.INFO)
   if FLAGS.compilation_cache_dir:
     pj.enable_compilation_cache(FLAGS.compilation_cache_dir)
+  _check_flags()
   prompts = _prompts()
   height, width = _size()
-  out = pathlib.Path(FLAGS.out)
-  out.mkdir(parents=True, exist_ok=True)
+  last_seed = FLAGS.seed + (len(prompts) - 1) // FLAGS.batch_size
+  checks.seed("--seed + the number of batches - 1 (the last batch's seed)", last_seed)
   dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
   t0 = time.perf_counter()
   pipe = pj.Pipeline.from_pretrained(FLAGS.model, transformer=FLAGS.transformer, dtype=dtype, progress=True)
   logging.info("loaded models in %.1fs", time.perf_counter() - t0)
+  out = pathlib.Path(FLAGS.out)
+  out.mkdir(parents=True, exist_ok=True)
   all_images, written = [], []
-  bar = tqdm(total=len(prompts), unit="img", desc="sampling")
-  for start in range(0, len(prompts), FLAGS.batch_size):
-    batch = prompts[start:start + FLAGS.batch_size]
-    seed = FLAGS.seed + start // FLAGS.batch_size
-    first = pipe.num_traces
-    timings: dict = {}
-    bar.set_description(f"batch {start // FLAGS.batch_size}: encode+sample")
-    images = pipe(batch, negative_prompt=FLAGS.negative, height=height, width=width, steps=FLAGS.steps,
-                  guidance_scale=FLAGS.guidance, sampler=FLAGS.sampler, seed=seed, guidance_mode=FLAGS.guidance_mode,
-                  use_resolution_binning=not FLAGS.no_binning, timings=timings)
-    compiled = pipe.num_traces > first
-    bar.set_postfix(compile_and_sample=f"{timings['denoise']:.1f}s" if compiled else None,
-                    sample=None if compiled else f"{timings['denoise']:.1f}s", decode=f"{timings['decode']:.1f}s")
-    for i, (prompt, img) in enumerate(zip(batch, images)):
-      meta = {"prompt": prompt, "negative_prompt": FLAGS.negative, "seed": seed, "batch_index": i,
-              "sampler": FLAGS.sampler, "steps": FLAGS.steps or "default", "guidance_scale": FLAGS.guidance,
-              "guidance_mode": FLAGS.guidance_mode, "size": f"{img.shape[1]}x{img.shape[0]}", "model": FLAGS.model,
-              "transformer": FLAGS.transformer or "", "software": "pixart_jax"}
-      path = out / f"{start + i:04d}_{_slug(prompt)}.png"
-      save_png(img, path, meta)
-      written.append(path)
-    all_images.extend(images)
-    bar.update(len(batch))
-  bar.close()
+  with tqdm(total=len(prompts), unit="img", desc="sampling") as bar:  # closed (newline) on errors too
+    for start in range(0, len(prompts), FLAGS.batch_size):
+      batch = prompts[start:start + FLAGS.batch_size]
+      seed = FLAGS.seed + start // FLAGS.batch_size
+      first = pipe.num_traces
+      timings: dict = {}
+      bar.set_description(f"batch {start // FLAGS.batch_size}: encode+sample")
+      images = pipe(batch, negative_prompt=FLAGS.negative, height=height, width=width, steps=FLAGS.steps,
+                    guidance_scale=FLAGS.guidance, sampler=FLAGS.sampler, seed=seed,
+                    guidance_mode=FLAGS.guidance_mode, use_resolution_binning=not FLAGS.no_binning, timings=timings)
+      compiled = pipe.num_traces > first
+      bar.set_postfix(compile_and_sample=f"{timings['denoise']:.1f}s" if compiled else None,
+                      sample=None if compiled else f"{timings['denoise']:.1f}s", decode=f"{timings['decode']:.1f}s")
+      for i, (prompt, img) in enumerate(zip(batch, images)):
+        meta = {"prompt": prompt, "negative_prompt": FLAGS.negative, "seed": seed, "batch_index": i,
+                "sampler": FLAGS.sampler, "steps": FLAGS.steps or "default", "guidance_scale": FLAGS.guidance,
+                "guidance_mode": FLAGS.guidance_mode, "size": f"{img.shape[1]}x{img.shape[0]}",
+                "model": FLAGS.model, "transformer": FLAGS.transformer or "", "software": "pixart_jax"}
+        path = out / f"{start + i:04d}_{_slug(prompt)}.png"
+        save_png(img, path, meta)
+        written.append(path)
+      all_images.extend(images)
+      bar.update(len(batch))
   if len(all_images) > 1 and len({im.shape for im in all_images}) == 1:
     contact_sheet(np.stack(all_images)).save(out / "contact_sheet.png")
   logging.info("wrote %d images to %s", len(written), out)
 
 
 def run():
-  app.run(main)
+  from pixart_jax import cli_errors
+
+  app.run(cli_errors.guard(main))
 
 
 if __name__ == "__main__":

@@ -81,3 +81,40 @@ def test_components_pe_and_timestep():
   assert np.max(np.abs(want - truth)) <= 1e-4
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
   np.testing.assert_allclose(got[:2], want[:2], atol=1e-6, rtol=0)  # small t: tight
+
+
+@pytest.mark.parametrize("hw", [(8, 12), (12, 6)], ids=lambda hw: f"{hw[0]}x{hw[1]}")
+def test_forward_matches_diffusers_at_large_and_fractional_t(tmp_path, hw):
+  """t = 999, 500.5, 3 on a non-square grid, tight: the timestep frequencies are the references' float32 ones.
+
+  With float64 frequencies (rounded) the model at t = 999 sat ~1.5e-5 (relative) away from diffusers."""
+  ref = tiny_diffusers_transformer(layers=2, heads=2, head_dim=8, caption_channels=24, sample_size=8)
+  ref.save_pretrained(tmp_path / "transformer")
+  model = dit_convert.load_transformer(tmp_path / "transformer")
+  x, _, y, mask = _inputs(hw, 24, seed=5)
+  for t in (999.0, 500.5, 3.0):
+    tt = np.full((3,), t, np.float32)
+    want = diffusers_forward(ref, x, tt, y, mask)
+    got = np.asarray(model(x, tt, y, mask))
+    assert rel_err(got, want) <= 1e-6, (t, rel_err(got, want))  # measured 4.6e-7 (float64 frequencies: 1.9e-6)
+
+
+def test_timestep_frequencies_are_the_references_float32_ones():
+  """The 128 frequencies equal torch's float32 `exp(-log(10000) * arange(128, dtype=float32) / 128)` to 1 ulp
+  (the exponent is float32 exactly as in the references; only exp's last-bit rounding may differ)."""
+  import math
+
+  from diffusers.models.embeddings import get_timestep_embedding
+
+  from pixart_jax.models.embeddings import timestep_frequencies, timestep_sinusoid
+
+  want_f = torch.exp(-math.log(10000.0) * torch.arange(0, 128, dtype=torch.float32) / 128).numpy()
+  got_f = timestep_frequencies(128, 10000.0)
+  assert got_f.dtype == np.float32
+  ulps = np.abs(got_f.view(np.int32) - want_f.view(np.int32))
+  assert ulps.max() <= 1 and np.sum(ulps > 0) <= 8, ulps
+  t = np.array([999.0, 500.5, 3.0], np.float32)
+  want = get_timestep_embedding(torch.from_numpy(t), 256, flip_sin_to_cos=True, downscale_freq_shift=0).numpy()
+  got = np.asarray(timestep_sinusoid(t, 256))
+  # a one-ulp frequency moves the argument t * f by at most one ulp of t (fp32 sin/cos of ~1000)
+  np.testing.assert_allclose(got, want, atol=999 * 2.0**-23, rtol=0)

@@ -79,7 +79,7 @@ def test_plan_cli_json_parses():
 def test_plan_cli_bad_input(argv, msg, monkeypatch):
   for var in ("XLA_FLAGS", "JAX_PLATFORMS"):  # main() sets them; restore after the test
     monkeypatch.setenv(var, os.environ.get(var, ""))
-  with pytest.raises(SystemExit, match=msg):
+  with pytest.raises(ValueError, match=msg):  # the console entry turns it into `error: ...`, exit 1
     plan_main(argv)
 
 

@@ -33,7 +33,10 @@ flags.DEFINE_integer("max_shard_mb", 10 * 1024, "Largest safetensors shard writt
 
 def main(argv):
   del argv
+  from pixart_jax import checks
   from pixart_jax.convert import dit, orbax_io, ours
+
+  checks.positive("--max_shard_mb", FLAGS.max_shard_mb)
 
   logging.getLogger().setLevel(logging.INFO)
   src_is_ours = ours.is_ours(FLAGS.source)
@@ -62,7 +65,9 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  from pixart_jax import cli_errors
+
+  app.run(cli_errors.guard(main))
 
 
 if __name__ == "__main__":

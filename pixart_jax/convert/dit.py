@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from pixart_jax.convert import dit_keys, orbax_io, ours
-from pixart_jax.convert.hub import component_dir, read_json, resolve_local
+from pixart_jax.convert.hub import component_dir, read_config, read_json, resolve_local
 from pixart_jax.convert.outputs import claim_output
 from pixart_jax.convert.sources import open_tensors
 from pixart_jax.convert.strict import WeightLoadError, load_into
@@ -156,9 +156,8 @@ def load_transformer(src: str | os.PathLike, *, config: DiTConfig | str | None =
   else:
     tdir = component_dir(local, "transformer", "transformer") if local.is_dir() else local.parent
     source = open_tensors(tdir)
-    raw = read_json(tdir / "config.json", "diffusers transformer config")
     has_micro = any("resolution_embedder" in k for k in source.keys())
-    cfg = config or config_from_diffusers(raw, has_micro_keys=has_micro)
+    cfg = config or read_config(tdir, functools.partial(config_from_diffusers, has_micro_keys=has_micro))
     keymap, drop = dit_keys.diffusers_keymap(cfg), (lambda k: False)
   with source:
     _check_expected_keys(cfg, source.keys(), official=drop is dit_keys.official_drop, allow_missing=allow_missing)

@@ -102,12 +102,12 @@ def read_json(path: str | os.PathLike, what: str, *, kind: type = dict):
   return doc
 
 
-def read_config(model_dir: str | os.PathLike, parse: Callable[[dict], T]) -> T:
+def read_config(model_dir: str | os.PathLike, parse: Callable[[dict], T], *, name: str = "config.json") -> T:
   """`parse` of `model_dir/config.json` (a transformers / diffusers config, e.g. `T5Config.from_hf_config`); a
-  ValueError or TypeError it raises is re-raised as one ValueError naming the file."""
-  path = pathlib.Path(model_dir) / "config.json"
+  ValueError / TypeError / KeyError / AttributeError it raises (a wrong-typed field) is re-raised as one ValueError naming the file."""
+  path = pathlib.Path(model_dir) / name
   raw = read_json(path, "model config")
   try:
     return parse(raw)
-  except (ValueError, TypeError) as e:
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
     raise ValueError(f"{path}: {e}") from None

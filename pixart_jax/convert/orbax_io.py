@@ -77,4 +77,8 @@ def load_transformer_orbax(path: str | os.PathLike, *, dtype=jnp.float32, param_
     shardings = jax.tree.map(lambda _: dev, params)
   target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), params, shardings)
   restored = ocp.StandardCheckpointer().restore(path / "params", target)
+  from pixart_jax.convert.strict import check_finite
+
+  check_finite({tuple(k): v.get_value() if isinstance(v, nnx.Variable) else v
+                for k, v in nnx.to_flat_state(restored)}, str(path))
   return nnx.merge(graphdef, restored, rest)

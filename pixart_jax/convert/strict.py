@@ -247,7 +247,22 @@ def load_strict(
         lines.extend(f"  {item}" for item in sorted(items))
     raise WeightLoadError("\n".join(lines), unexpected=sorted(unexpected), missing=sorted(missing),
                           mismatched=sorted(mismatched), duplicates=sorted(duplicates), invalid=sorted(invalid))
+  check_finite(out, getattr(source, "name", "weights"))
   return out
+
+
+def check_finite(flat: Mapping[tuple, jax.Array], name: str = "weights") -> None:
+  """Refuses weights holding NaN or inf (they only ever sample black images): WeightLoadError naming the tensors.
+
+  One `isfinite` reduction per floating array, on the device where it lives (sharded arrays reduce in place)."""
+  bad = []
+  for path, arr in flat.items():
+    if jnp.issubdtype(arr.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(arr))):
+      bad.append(_fmt_path(path))
+  if bad:
+    shown = ", ".join(sorted(bad)[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+    raise WeightLoadError(f"cannot load {name}: {len(bad)} tensor(s) hold NaN or inf values: {shown}",
+                          invalid=sorted(bad))
 
 
 def _leaf_value(leaf):

@@ -10,6 +10,8 @@ import dataclasses
 import logging
 from typing import Any, Literal, Mapping
 
+from pixart_jax import checks
+
 log = logging.getLogger(__name__)
 
 KVMode = Literal["conv", "ave", "uniform"]
@@ -18,6 +20,11 @@ KVMode = Literal["conv", "ave", "uniform"]
 # versions (converted Orbax dirs, a workdir's config.json, checkpoints' config items) still holds these keys:
 # reading an architecture drops them.
 RUN_FIELDS = ("attention", "attention_min_seq", "splash_block_sizes", "splash_interpret", "sequence_parallel")
+
+
+_POSITIVE_INT_FIELDS = ("depth", "hidden_size", "num_heads", "patch_size", "in_channels", "caption_channels",
+                        "max_caption_len", "sample_size", "kv_compress_ratio", "image_size")
+_POSITIVE_FLOAT_FIELDS = ("mlp_ratio", "interpolation_scale", "norm_eps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +59,20 @@ class DiTConfig:
   image_size: int = 1024
 
   def __post_init__(self):
-    object.__setattr__(self, "kv_compress_layers", tuple(int(i) for i in self.kv_compress_layers))
+    for name in _POSITIVE_INT_FIELDS:
+      object.__setattr__(self, name, checks.positive(f"DiTConfig.{name}", getattr(self, name)))
+    for name in _POSITIVE_FLOAT_FIELDS:
+      object.__setattr__(self, name, checks.finite(f"DiTConfig.{name}", getattr(self, name), low=0.0, low_open=True))
+    object.__setattr__(self, "class_dropout_prob",
+                       checks.finite("DiTConfig.class_dropout_prob", self.class_dropout_prob, low=0.0, high=1.0))
+    for name in ("learn_sigma", "micro_conditions", "qk_norm"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"DiTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+    layers = self.kv_compress_layers
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+      raise ValueError(f"DiTConfig.kv_compress_layers must be a list of layer indices, got {layers!r}")
+    object.__setattr__(self, "kv_compress_layers",
+                       tuple(checks.non_negative("DiTConfig.kv_compress_layers entry", i) for i in layers))
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
     bad = [i for i in self.kv_compress_layers if not 0 <= i < self.depth]

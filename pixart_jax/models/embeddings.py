@@ -47,10 +47,19 @@ def sincos_2d(dim: int, h: int, w: int, base_size: int, interpolation_scale: flo
 # ----------------------------------------------------------------------------------------------------------------
 # Timestep embedding
 # ----------------------------------------------------------------------------------------------------------------
+def timestep_frequencies(half: int, max_period: float = 10000.0) -> np.ndarray:
+  """(half,) float32 f_k = exp(-ln(max_period) k / half), computed as the official `t_embedder` and diffusers'
+  `get_timestep_embedding` do: the exponent `-log(max_period) * arange(half, dtype=float32) / half` in float32 (a
+  float64 exponent rounds differently and moves the arguments of large t, e.g. 999, by an ulp of their size);
+  exp in float64, rounded (torch's float32 exp agrees on all but a few of 128 constants, by one ulp)."""
+  exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+  return np.exp(exponent.astype(np.float64)).astype(np.float32)
+
+
 def timestep_sinusoid(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
-  """t (B,) float -> (B, dim) float32, cos first: [cos(t f_k), sin(t f_k)], f_k = exp(-ln(max_period) k / (dim/2))."""
+  """t (B,) float -> (B, dim) float32, cos first: [cos(t f_k), sin(t f_k)], f_k = `timestep_frequencies`."""
   half = dim // 2
-  freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half)  # exact constants
+  freqs = timestep_frequencies(half, max_period)
   args = t.astype(jnp.float32)[:, None] * jnp.asarray(freqs, jnp.float32)[None]
   emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
   if dim % 2:

@@ -65,23 +65,21 @@ def main(argv) -> int:
   import jax
 
   jax.config.update("jax_threefry_partitionable", True)
-  from pixart_jax.train.loop import NonFiniteLossError, train_and_evaluate
+  from pixart_jax.train.loop import train_and_evaluate
 
   logging.getLogger().setLevel(logging.INFO)
   for noisy in ("absl", "jax", "orbax"):  # Orbax logs every save step at INFO through absl
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  try:
-    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except NonFiniteLossError as e:
-    logging.error("%s", e)
-    return 1
+  result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)  # NonFiniteLossError: `error: ...`, exit 1 (run)
   logging.info("finished at step %d%s", result.step, " (preempted: checkpoint saved)" if result.preempted else "")
   return 0
 
 
 def run() -> None:
   """Console-script entry point (`pixart-train`)."""
-  app.run(lambda argv: sys.exit(main(argv)))
+  from pixart_jax import cli_errors
+
+  app.run(cli_errors.guard(lambda argv: sys.exit(main(argv))))
 
 
 if __name__ == "__main__":

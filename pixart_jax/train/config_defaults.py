@@ -171,3 +171,48 @@ def smoke(c: mlc.ConfigDict, *, kv: bool = False) -> mlc.ConfigDict:
   c.ckpt_every = 3
   c.keep = 2
   return c
+
+
+def check_config(c: mlc.ConfigDict) -> None:
+  """Refuses numbers a run cannot use, before anything starts: one ValueError naming the field, the value and what
+  is valid. Every numeric field of the experiment is checked here (the optimizer's own ranges in
+  `train.optimizers.OptimizerConfig`, the architecture's in `models.config.DiTConfig`)."""
+  from pixart_jax import checks
+
+  def get(path: str):
+    node = c
+    for key in path.split("."):
+      if node is None or key not in node:
+        return _ABSENT
+      node = node[key]
+    return node
+
+  def each(fn, paths, **kw):
+    for path in paths:
+      v = get(path)
+      if v is not _ABSENT:
+        fn(path, v, **kw)
+
+  each(checks.positive, ("log_every", "ckpt_every", "keep", "grad_accum", "data.batch_size",
+                         "data.synthetic_examples", "sample.num_steps", "optimizer.base_batch"))
+  # steps = 0 returns the state the run starts from, without training (weak-to-strong checks use it)
+  each(checks.non_negative, ("steps", "data.num_workers", "sample.every", "optimizer.warmup"))
+  each(checks.seed, ("seed", "sample.seed"))
+  if get("data.shuffle_seed") not in (None, _ABSENT):
+    checks.seed("data.shuffle_seed", get("data.shuffle_seed"))
+  each(checks.finite, ("data.real_prompt_ratio", "class_dropout_prob"), low=0.0, high=1.0)
+  each(checks.finite, ("sample.guidance",))
+  if get("ema.rate") not in (None, _ABSENT):
+    checks.finite("ema.rate", get("ema.rate"), low=0.0, high=1.0)
+  if get("lora.rank") not in (None, _ABSENT):
+    checks.positive("lora.rank", get("lora.rank"))
+    checks.finite("lora.alpha", get("lora.alpha"), low=0.0, low_open=True)
+  if get("optimizer") is not _ABSENT:
+    from pixart_jax.train.optimizers import OptimizerConfig
+
+    OptimizerConfig.from_dict(c.optimizer)
+  if get("sample.every") not in (0, _ABSENT) and not get("sample.prompts"):
+    raise ValueError("sample.prompts is empty but sample.every is set: give prompts or set sample.every=0")
+
+
+_ABSENT = object()

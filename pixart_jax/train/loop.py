@@ -47,6 +47,7 @@ from pixart_jax.train import flops as flops_lib
 from pixart_jax.train import state as state_lib
 from pixart_jax.train import trainables
 from pixart_jax.train.checkpoint import Checkpointer
+from pixart_jax.train.config_defaults import check_config
 from pixart_jax.train.metrics import MetricWriter, first_nonfinite
 from pixart_jax.train.optimizers import OptimizerConfig, make_optimizer
 from pixart_jax.train.sample_hook import SampleFn, make_sample_fn
@@ -204,6 +205,7 @@ class _Run:
 
 def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = None) -> RunResult:
   """Trains `config` in `workdir` (resuming from its checkpoints). See the module docstring."""
+  check_config(config)  # bad numbers fail before the workdir is touched
   workdir = epath.Path(workdir)
   primary = jax.process_index() == 0
   if primary:

@@ -28,6 +28,7 @@ import math
 import jax.numpy as jnp
 import optax
 
+from pixart_jax import checks
 from pixart_jax.enums import ParsedEnum
 from pixart_jax.train.came import came, torch_layout_factored_dims
 
@@ -65,14 +66,17 @@ class OptimizerConfig:
   clip_threshold: float = 1.0
 
   def __post_init__(self):
-    if not self.lr > 0:
-      raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
-    if self.warmup < 0:
-      raise ValueError(f"optimizer.warmup must be >= 0, got {self.warmup}")
-    if self.clip is not None and self.clip < 0:
-      raise ValueError(f"optimizer.clip must be >= 0 or None, got {self.clip}")
-    if self.base_batch < 1:
-      raise ValueError(f"optimizer.base_batch must be >= 1, got {self.base_batch}")
+    checks.finite("optimizer.lr", self.lr, low=0.0, low_open=True)
+    checks.non_negative("optimizer.warmup", self.warmup)
+    if self.clip is not None:
+      checks.finite("optimizer.clip (0 or None: off)", self.clip, low=0.0)
+    checks.positive("optimizer.base_batch", self.base_batch)
+    checks.finite("optimizer.weight_decay", self.weight_decay, low=0.0)
+    checks.finite("optimizer.clip_threshold", self.clip_threshold, low=0.0, low_open=True)
+    for b in self.betas:
+      checks.finite(f"optimizer.betas entry (of {tuple(self.betas)})", b, low=0.0, high=1.0)
+    for e in self.eps:
+      checks.finite(f"optimizer.eps entry (of {tuple(self.eps)})", e, low=0.0)
     want_b, want_e = (3, 2) if self.name is OptimizerName.CAME else (2, 1)
     if len(self.betas) != want_b:
       raise ValueError(f"{self.name.value} needs {want_b} betas, got {self.betas}")
