@@ -47,6 +47,7 @@ from pixart_jax.train import flops as flops_lib
 from pixart_jax.train import state as state_lib
 from pixart_jax.train import trainables
 from pixart_jax.train.checkpoint import Checkpointer
+from pixart_jax.train.in_flight import StepsInFlight
 from pixart_jax.train.metrics import MetricWriter, first_nonfinite
 from pixart_jax.train.optimizers import OptimizerConfig, make_optimizer
 from pixart_jax.train.sample_hook import SampleFn, make_sample_fn
@@ -200,6 +201,7 @@ class _Run:
   peak: float | None
   sample_fn: SampleFn | None
   primary: bool
+  in_flight: StepsInFlight
 
 
 def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = None) -> RunResult:
@@ -219,6 +221,7 @@ def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = Non
                         ema_rate=config.ema.rate, learn_sigma=spec.cfg.learn_sigma)
   rules = merged_rules(config.sharding_rules)
   mesh = make_mesh(config.mesh)
+  in_flight = StepsInFlight(config.max_in_flight)
   batch = config.data.batch_size
   if batch % config.grad_accum:
     raise ValueError(f"data.batch_size {batch} is not divisible by grad_accum {config.grad_accum}")
@@ -264,7 +267,7 @@ def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = Non
 
     result = _run(_Run(config=config, workdir=workdir, state=state, iterator=iterator, compiled=compiled,
                        step_flops=step_flops, null=null, frozen=frozen, ckpt=ckpt, peak=peak, sample_fn=sample_fn,
-                       primary=primary))
+                       primary=primary, in_flight=in_flight))
     if primary:
       exported = trainable.export(result.state, workdir)
       if exported is not None:
@@ -330,6 +333,7 @@ def _run(run: _Run) -> RunResult:
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           state, metrics = run.compiled[batch["bucket"]](state, {k: batch[k] for k in BATCH_KEYS}, run.null,
                                                          run.frozen)
+        run.in_flight.add(metrics["loss"])
         step += 1
         bar.update(1)
         pending.append((step, metrics, batch["bucket"]))
