@@ -1,14 +1,18 @@
 """`StepsInFlight`: a bound on how many dispatched train steps may still be running.
 
-JAX dispatches a jitted step and returns at once; a loop that never looks at a result until its next log line
-queues up to `log_every` steps (the runtime's own cap, not ours, is what finally blocks it). On the XLA:CPU
-runtime with several (fake) devices every queued step is one program per device whose collectives (the gradient
-all-reduce) meet in an in-process rendezvous that aborts the process when a participant is more than 40 s late.
-With dozens of steps queued, 8 devices on 2 busy cores, one device's share of a step can be starved for that long:
-the demo on 8 fake devices (log_every 250) aborted after ~140 steps with "Expected 8 threads to join the
-rendezvous, but only 5 of them arrived on time" (exit 134), 3 runs out of 3 under load, and completed every time
-with at most 4 steps in flight. On accelerators a few steps of look-ahead are all that async dispatch needs to
-keep the device fed, so the same bound costs nothing there.
+JAX dispatches a jitted step and returns at once; a loop that looks at no result until its next log line lets the
+host run up to `log_every` steps ahead of the device (the XLA:CPU client's own cap, ~32 programs per device, is
+then what blocks the dispatching thread). On the XLA:CPU runtime with several (fake) devices each queued step is
+one program per device whose collectives (the gradient all-reduce) meet in an in-process rendezvous that aborts
+the process when a participant is 40 s late. Measured on 2 shared cores, 8 fake devices, the demo's model and
+dataset, log_every 250 (100 in the soak test): the unfinished steps grew to 31 within ~100 steps, then the process aborted ("Expected 8
+threads to join the rendezvous, but only 5 (6) of them arrived on time", exit 134) after 60-150 steps in each of
+5 runs. At the abort the main thread was the only one inside JAX (dispatching the next step; no checkpoint save,
+sample hook or metrics fetch in flight; the other Python threads were idle Grain / tqdm / TensorBoard workers).
+With at most 4 steps in flight the demo ran its 1,500 steps (16: 400 steps, no abort). A deep queue is necessary,
+not sufficient: synthetic data of the same shapes also reached 31 unfinished steps without an abort, and we did
+not isolate which runtime interaction starves the missing participants. On accelerators a few steps of look-ahead
+are all async dispatch needs to keep the device fed (the host only waits when it is that far ahead).
 
 The loop hands over one small output of each step (the loss) and, once more than `max_in_flight` are held, waits
 for the oldest one: the host runs at most `max_in_flight` steps ahead of the device.

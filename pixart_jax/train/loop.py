@@ -16,7 +16,8 @@ Order of events (big_vision trainer shape):
      (`jax.jit(init, out_shardings=...)`). LoRA trains adapters on the frozen `init_from` weights.
   4. AOT: the one train step (`train.step.jit_train_step`, with the kind's frozen inputs and params function),
      one `lower().compile()` per bucket, `memory_analysis()` logged before step 1.
-  5. Loop: step, metrics (JSONL + TensorBoard on process 0), async checkpoints every `ckpt_every`, the sampling
+  5. Loop: step (at most `config.max_in_flight` dispatched ahead of the device: `train.in_flight`), metrics (JSONL +
+     TensorBoard on process 0), async checkpoints every `ckpt_every`, the sampling
      hook, SIGTERM / preemption -> save at the current step and return; a non-finite loss raises
      `NonFiniteLossError` naming the step without saving the bad state. At the end the kind exports what it
      produced beyond the checkpoints (LoRA: the adapters in `<workdir>/lora/`).
