@@ -80,6 +80,19 @@ def build_encoders(workdir: pathlib.Path, seed: int, *, reuse_tokenizer: bool = 
   return PixelEncoders(text, downsample=DOWNSAMPLE, text_id="demo-t5-random")
 
 
+def prepare_dataset(work: pathlib.Path, seed: int, *, progress: bool = True):
+  """Builds the encoders (`build_encoders`) and writes the digits dataset into `work/data`; returns the encoders."""
+  from pixart_jax.data import demo as demo_data
+  from pixart_jax.data.prepare_lib import PrepareOptions, prepare
+  from pixart_jax.data.sources import resolve_source
+
+  enc = build_encoders(work, seed)
+  prepare(resolve_source("demo:digits"), enc, str(work / "data"), options=PrepareOptions(
+      table={"1.00": (demo_data.IMAGE_SIZE, demo_data.IMAGE_SIZE)}, shard_size=600, batch_size=300, min_side=8,
+      resample="nearest", num_threads=2), source_id="demo:digits", progress=progress)
+  return enc
+
+
 def latent_size() -> int:
   from pixart_jax.data.demo import IMAGE_SIZE
 
@@ -200,8 +213,6 @@ def main(argv):
   from tqdm import tqdm
 
   from pixart_jax.data import demo as demo_data
-  from pixart_jax.data.prepare_lib import PrepareOptions, prepare
-  from pixart_jax.data.sources import resolve_source
   from pixart_jax.images import contact_sheet, to_uint8
   from pixart_jax.train.loop import model_spec, train_and_evaluate
 
@@ -214,11 +225,7 @@ def main(argv):
   t0 = time.perf_counter()
 
   print(f"[demo] 1/5 encoders and dataset -> {work / 'data'}")
-  enc = build_encoders(work, FLAGS.seed)
-  source = resolve_source("demo:digits")
-  prepare(source, enc, str(work / "data"), options=PrepareOptions(
-      table={"1.00": (demo_data.IMAGE_SIZE, demo_data.IMAGE_SIZE)}, shard_size=600, batch_size=300, min_side=8, resample="nearest", num_threads=2),
-      source_id="demo:digits", progress=True)
+  enc = prepare_dataset(work, FLAGS.seed)
   times["prepare_s"] = time.perf_counter() - t0
 
   print(f"[demo] 2/5 training a tiny PixArt for {FLAGS.steps} steps (real trainer; checkpoints in {work / 'train'})")

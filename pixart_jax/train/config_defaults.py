@@ -21,6 +21,7 @@ Fields of the experiment (every recipe has all of them; `lock_config=True` makes
   grad_accum                  micro-batches per update (the global batch is split K ways inside the step)
   ema.rate                    None = no EMA (the official Sigma script keeps none), e.g. 0.9999
   steps, log_every, ckpt_every, keep   run length, logging and checkpoint cadence, checkpoints kept
+  max_in_flight               train steps the host may dispatch ahead of the device (`train.in_flight`; >= 1)
   sample.*                    sampling grid every `sample.every` steps (0 = off)
   init_from                   weights to start from when the workdir has no checkpoint: released weights (.pth,
                               diffusers dir, Hub id), an Orbax dir from `convert`, or another run's workdir
@@ -138,6 +139,7 @@ def base_config(*, preset: str, table: str | None, batch_size: int, warmup: int,
   c.log_every = 10
   c.ckpt_every = 1000
   c.keep = 3
+  c.max_in_flight = 4  # train.in_flight: more steps queued starve the CPU runtime's collectives (8 devices abort)
   c.sample = mlc.ConfigDict(dict(
       every=0,                           # steps between sampling grids; 0 = off
       pipeline=config_dict.placeholder(str),  # pipeline dir / Hub id with text_encoder/, tokenizer/, vae/

@@ -16,7 +16,8 @@ Order of events (big_vision trainer shape):
      (`jax.jit(init, out_shardings=...)`). LoRA trains adapters on the frozen `init_from` weights.
   4. AOT: the one train step (`train.step.jit_train_step`, with the kind's frozen inputs and params function),
      one `lower().compile()` per bucket, `memory_analysis()` logged before step 1.
-  5. Loop: step, metrics (JSONL + TensorBoard on process 0), async checkpoints every `ckpt_every`, the sampling
+  5. Loop: step (at most `config.max_in_flight` dispatched ahead of the device: `train.in_flight`), metrics (JSONL +
+     TensorBoard on process 0), async checkpoints every `ckpt_every`, the sampling
      hook, SIGTERM / preemption -> save at the current step and return; a non-finite loss raises
      `NonFiniteLossError` naming the step without saving the bad state. At the end the kind exports what it
      produced beyond the checkpoints (LoRA: the adapters in `<workdir>/lora/`).
@@ -48,6 +49,7 @@ from pixart_jax.train import state as state_lib
 from pixart_jax.train import trainables
 from pixart_jax.train.checkpoint import Checkpointer
 from pixart_jax.train.config_defaults import check_config
+from pixart_jax.train.in_flight import StepsInFlight
 from pixart_jax.train.metrics import MetricWriter, first_nonfinite
 from pixart_jax.train.optimizers import OptimizerConfig, make_optimizer
 from pixart_jax.train.sample_hook import SampleFn, make_sample_fn
@@ -201,6 +203,7 @@ class _Run:
   peak: float | None
   sample_fn: SampleFn | None
   primary: bool
+  in_flight: StepsInFlight
 
 
 def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = None) -> RunResult:
@@ -221,6 +224,7 @@ def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = Non
                         ema_rate=config.ema.rate, learn_sigma=spec.cfg.learn_sigma)
   rules = merged_rules(config.sharding_rules)
   mesh = make_mesh(config.mesh)
+  in_flight = StepsInFlight(config.max_in_flight)
   batch = config.data.batch_size
   if batch % config.grad_accum:
     raise ValueError(f"data.batch_size {batch} is not divisible by grad_accum {config.grad_accum}")
@@ -272,7 +276,7 @@ def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = Non
 
     result = _run(_Run(config=config, workdir=workdir, state=state, iterator=iterator, compiled=compiled,
                        step_flops=step_flops, null=null, frozen=frozen, ckpt=ckpt, peak=peak, sample_fn=sample_fn,
-                       primary=primary))
+                       primary=primary, in_flight=in_flight))
     if primary:
       exported = trainable.export(result.state, workdir)
       if exported is not None:
@@ -338,6 +342,7 @@ def _run(run: _Run) -> RunResult:
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           state, metrics = run.compiled[batch["bucket"]](state, {k: batch[k] for k in BATCH_KEYS}, run.null,
                                                          run.frozen)
+        run.in_flight.add(metrics["loss"])
         step += 1
         bar.update(1)
         pending.append((step, metrics, batch["bucket"]))
