@@ -19,6 +19,7 @@ captions always keep at least the EOS token, so this never arises in the model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Mapping
 
@@ -174,6 +175,157 @@ def splash_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Non
     out = jax.vmap(lambda a, c, d, qi, ki: kernel(a, c, d, segment_ids=splash.SegmentIds(qi, ki)))(
         qp, kpad, vpad, q_ids, kv_ids)
   return einops.rearrange(out[:, :, :l, :kd], "b n l k -> b l n k").astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blockwise (flash-attention style) attention in plain JAX.
+
+_PAD_VALUE = 2 * _MASK_VALUE  # padded keys: below every masked real key, so a fully masked row averages real keys
+
+
+def _fit_block(length: int, block: int) -> tuple[int, int]:
+  """(block, padded length): the fewest blocks of at most `block` tokens (a multiple of 8 when there are
+  several), sized to waste as little padding as possible."""
+  count = -(-length // block)
+  if count == 1:
+    return length, length
+  size = _round_up(-(-length // count), 8)
+  return size, size * count
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+  """The shard_map axes `x` varies over (empty outside a shard_map)."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)
+  return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _match_vma(x: jax.Array, like: jax.Array) -> jax.Array:
+  """`x` (a fresh constant) typed as varying over the same shard_map axes as `like` (scan carries must agree)."""
+  missing = tuple(sorted(_varying_axes(like) - _varying_axes(x)))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _chunks(t: jax.Array, size: int) -> jax.Array:
+  """(B N T ...) -> (T/size B N size ...)."""
+  return jnp.moveaxis(t.reshape(*t.shape[:2], t.shape[2] // size, size, *t.shape[3:]), 2, 0)
+
+
+def _unchunk(t: jax.Array) -> jax.Array:
+  """(C B N size ...) -> (B N C*size ...)."""
+  t = jnp.moveaxis(t, 0, 2)
+  return t.reshape(*t.shape[:2], t.shape[2] * t.shape[3], *t.shape[4:])
+
+
+def _logits(qi, kj, bj, scale):
+  """qi (B N bq K), kj (B N bk K), bj (B bk) fp32 key bias or None -> (B N bq bk) fp32 scaled logits."""
+  s = jnp.einsum("bnqk,bnmk->bnqm", qi, kj, preferred_element_type=jnp.float32) * scale
+  return s if bj is None else s + bj[:, None, None, :]
+
+
+def _blockwise_fwd_core(q, k, v, bias, block_q: int, block_kv: int):
+  """q (B N L K), k v (B N M K) with L, M multiples of the blocks; bias (B M) fp32 or None ->
+  (out (B N L K) in q's dtype, lse (B N L) fp32)."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  ks, vs = _chunks(k, block_kv), _chunks(v, block_kv)
+  bs = None if bias is None else jnp.moveaxis(bias.reshape(bias.shape[0], -1, block_kv), 1, 0)  # (C B bk)
+
+  def q_chunk(qi):
+    shape = qi.shape[:-1]
+    carry = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+             jnp.zeros(qi.shape, jnp.float32))
+    carry = jax.tree.map(lambda c: _match_vma(c, qi), carry)
+
+    def kv_step(carry, x):
+      m, l, acc = carry
+      kj, vj, bj = x
+      s = _logits(qi, kj, bj, scale)
+      m_new = jnp.maximum(m, s.max(axis=-1))
+      alpha = jnp.exp(m - m_new)
+      p = jnp.exp(s - m_new[..., None])
+      l = l * alpha + p.sum(axis=-1)
+      pv = jnp.einsum("bnqm,bnmk->bnqk", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+      return (m_new, l, acc * alpha[..., None] + pv), None
+
+    (m, l, acc), _ = jax.lax.scan(kv_step, carry, (ks, vs, bs))
+    return (acc / l[..., None]).astype(qi.dtype), m + jnp.log(l)
+
+  out, lse = jax.lax.map(q_chunk, _chunks(q, block_q))
+  return _unchunk(out), _unchunk(lse)
+
+
+def _blockwise_bwd_core(q, k, v, bias, out, lse, dout, block_q: int, block_kv: int):
+  """FlashAttention-2 backward: recomputes one (block_q x block_kv) probability tile per head at a time from the
+  saved log-sum-exp. Shapes as `_blockwise_fwd_core`; dout like out -> (dq, dk, dv) in the inputs' dtypes."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (B N L) rowsum(dO * O)
+  qs, dos, lses, deltas = (_chunks(t, block_q) for t in (q, dout, lse, delta))
+  ks, vs = _chunks(k, block_kv), _chunks(v, block_kv)
+  bs = None if bias is None else jnp.moveaxis(bias.reshape(bias.shape[0], -1, block_kv), 1, 0)
+
+  def kv_block(dqs, x):
+    kj, vj, bj = x
+    zeros = _match_vma(jnp.zeros(kj.shape, jnp.float32), kj)
+
+    def q_step(carry, y):
+      dk, dv = carry
+      qi, doi, lsei, di, dqi = y
+      p = jnp.exp(_logits(qi, kj, bj, scale) - lsei[..., None])                       # (B N bq bk)
+      dv = dv + jnp.einsum("bnqm,bnqk->bnmk", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bnqk,bnmk->bnqm", doi, vj, preferred_element_type=jnp.float32)
+      ds = p * (dp - di[..., None])
+      dk = dk + jnp.einsum("bnqm,bnqk->bnmk", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
+      dqi = dqi + jnp.einsum("bnqm,bnmk->bnqk", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32)
+      return (dk, dv), dqi
+
+    (dk, dv), dqs = jax.lax.scan(q_step, (zeros, zeros), (qs, dos, lses, deltas, dqs))
+    return dqs, ((dk * scale).astype(kj.dtype), dv.astype(vj.dtype))
+
+  dq0 = _match_vma(jnp.zeros(qs.shape, jnp.float32), q)
+  dqs, (dks, dvs) = jax.lax.scan(kv_block, dq0, (ks, vs, bs))
+  return (_unchunk(dqs) * scale).astype(q.dtype), _unchunk(dks), _unchunk(dvs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blockwise_padded(q, k, v, bias, block_q, block_kv):
+  return _blockwise_fwd_core(q, k, v, bias, block_q, block_kv)[0]
+
+
+def _blockwise_padded_fwd(q, k, v, bias, block_q, block_kv):
+  out, lse = _blockwise_fwd_core(q, k, v, bias, block_q, block_kv)
+  return out, (q, k, v, bias, out, lse)  # the inputs, the output and the log-sum-exp: O(L K) per head
+
+
+def _blockwise_padded_bwd(block_q, block_kv, res, dout):
+  q, k, v, bias, out, lse = res
+  dq, dk, dv = _blockwise_bwd_core(q, k, v, bias, out, lse, dout, block_q, block_kv)
+  return dq, dk, dv, None if bias is None else jnp.zeros_like(bias)
+
+
+_blockwise_padded.defvjp(_blockwise_padded_fwd, _blockwise_padded_bwd)
+
+
+def blockwise_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+                    block_q: int = 512, block_kv: int = 512) -> jax.Array:
+  """Blockwise attention (online softmax over key/value blocks, queries in chunks; custom VJP that recomputes
+  the probabilities tile by tile from the saved log-sum-exp). Shapes and semantics as `dot_product_attention`.
+
+  Ragged lengths are padded to the blocks: padded keys get logit bias 2 * -1e30 (user-masked keys -1e30), so they
+  never contribute; padded queries are sliced off.
+  """
+  b, l, n, kd = q.shape
+  m = k.shape[1]
+  bq, lp = _fit_block(l, block_q)
+  bk, mp = _fit_block(m, block_kv)
+  heads_first = lambda t, length: jnp.pad(einops.rearrange(t, "b t n k -> b n t k"),
+                                          ((0, 0), (0, 0), (0, length - t.shape[1]), (0, 0)))
+  bias = None
+  if mask is not None or mp != m:
+    valid = jnp.ones((b, m), bool) if mask is None else mask.astype(bool)
+    bias = jnp.where(valid, 0.0, _MASK_VALUE).astype(jnp.float32)
+    bias = jnp.pad(bias, ((0, 0), (0, mp - m)), constant_values=_PAD_VALUE)
+  out = _blockwise_padded(heads_first(q, lp), heads_first(k, mp), heads_first(v, mp), bias, bq, bk)
+  return einops.rearrange(out[:, :, :l], "b n l k -> b l n k")
 
 
 def cudnn_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
