@@ -179,6 +179,11 @@ def splash_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Non
 
 # ---------------------------------------------------------------------------------------------------------------
 # Blockwise (flash-attention style) attention in plain JAX.
+#
+# Loops (lax.fori_loop, never Python) over one (batch row, head, block) at a time, in the callers' B T N K layout
+# (no transposed copies of q/k/v): every step multiplies a (block_q K) query tile by a (block_kv K) key tile, so
+# the largest temporaries are a few (block_q block_kv) fp32 tiles. One head at a time keeps the tiles large
+# (large tiles run the CPU matmul near its peak) within a fixed memory bound.
 
 _PAD_VALUE = 2 * _MASK_VALUE  # padded keys: below every masked real key, so a fully masked row averages real keys
 
@@ -201,89 +206,115 @@ def _varying_axes(x: jax.Array) -> frozenset:
 
 
 def _match_vma(x: jax.Array, like: jax.Array) -> jax.Array:
-  """`x` (a fresh constant) typed as varying over the same shard_map axes as `like` (scan carries must agree)."""
+  """`x` (a fresh constant) typed as varying over the same shard_map axes as `like` (loop carries must agree)."""
   missing = tuple(sorted(_varying_axes(like) - _varying_axes(x)))
   return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
-def _chunks(t: jax.Array, size: int) -> jax.Array:
-  """(B N T ...) -> (T/size B N size ...)."""
-  return jnp.moveaxis(t.reshape(*t.shape[:2], t.shape[2] // size, size, *t.shape[3:]), 2, 0)
+def _tile(x: jax.Array, b, start, h, size: int) -> jax.Array:
+  """x (B T N K) -> the (size K) tile of batch row b, head h, tokens [start, start + size)."""
+  return jax.lax.dynamic_slice(x, (b, start, h, 0), (1, size, 1, x.shape[-1])).reshape(size, x.shape[-1])
 
 
-def _unchunk(t: jax.Array) -> jax.Array:
-  """(C B N size ...) -> (B N C*size ...)."""
-  t = jnp.moveaxis(t, 0, 2)
-  return t.reshape(*t.shape[:2], t.shape[2] * t.shape[3], *t.shape[4:])
+def _rows(x: jax.Array, b, start, h, size: int) -> jax.Array:
+  """x (B T N) -> (size) for batch row b, head h."""
+  return jax.lax.dynamic_slice(x, (b, start, h), (1, size, 1)).reshape(size)
 
 
-def _logits(qi, kj, bj, scale):
-  """qi (B N bq K), kj (B N bk K), bj (B bk) fp32 key bias or None -> (B N bq bk) fp32 scaled logits."""
-  s = jnp.einsum("bnqk,bnmk->bnqm", qi, kj, preferred_element_type=jnp.float32) * scale
-  return s if bj is None else s + bj[:, None, None, :]
+def _put(buf: jax.Array, tile: jax.Array, b, start, h) -> jax.Array:
+  """Writes a (size ...) tile back at (b, start, h) of a (B T N ...) buffer."""
+  tile = tile.reshape(1, tile.shape[0], 1, *tile.shape[1:]).astype(buf.dtype)
+  return jax.lax.dynamic_update_slice(buf, tile, (b, start, h) + (0,) * (buf.ndim - 3))
+
+
+def _split_index(t, heads: int, blocks: int):
+  """Flat loop index -> (batch row, head, block)."""
+  return t // (heads * blocks), (t // blocks) % heads, t % blocks
+
+
+def _scaled(x: jax.Array, scale: float) -> jax.Array:
+  return (x.astype(jnp.float32) * scale).astype(x.dtype)
+
+
+def _logits(qi, kj, bias, b, start, size):
+  """qi (bq K) pre-scaled, kj (bk K), bias (B M) fp32 or None -> (bq bk) fp32 logits."""
+  s = jnp.einsum("qk,mk->qm", qi, kj, preferred_element_type=jnp.float32)
+  if bias is None:
+    return s
+  return s + jax.lax.dynamic_slice(bias, (b, start), (1, size))
 
 
 def _blockwise_fwd_core(q, k, v, bias, block_q: int, block_kv: int):
-  """q (B N L K), k v (B N M K) with L, M multiples of the blocks; bias (B M) fp32 or None ->
-  (out (B N L K) in q's dtype, lse (B N L) fp32)."""
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  ks, vs = _chunks(k, block_kv), _chunks(v, block_kv)
-  bs = None if bias is None else jnp.moveaxis(bias.reshape(bias.shape[0], -1, block_kv), 1, 0)  # (C B bk)
+  """q (B L N K), k v (B M N K) with L, M multiples of the blocks; bias (B M) fp32 or None ->
+  (out (B L N K) in q's dtype, lse (B L N) fp32 log-sum-exp of the scaled logits)."""
+  b_, lp, n, kd = q.shape
+  nq, nk = lp // block_q, k.shape[1] // block_kv
+  scale = 1.0 / math.sqrt(kd)
+  width = _round_up(kd + 1, 16) if kd % 16 else kd  # (p @ v) width: one spare lane column holds the row sum
 
-  def q_chunk(qi):
-    shape = qi.shape[:-1]
-    carry = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-             jnp.zeros(qi.shape, jnp.float32))
-    carry = jax.tree.map(lambda c: _match_vma(c, qi), carry)
+  def q_tile(t, bufs):
+    out, lse = bufs
+    b, h, i = _split_index(t, n, nq)
+    qi = _scaled(_tile(q, b, i * block_q, h, block_q), scale)
 
-    def kv_step(carry, x):
-      m, l, acc = carry
-      kj, vj, bj = x
-      s = _logits(qi, kj, bj, scale)
+    def kv_step(j, carry):
+      m, acc = carry
+      s = _logits(qi, _tile(k, b, j * block_kv, h, block_kv), bias, b, j * block_kv, block_kv)
       m_new = jnp.maximum(m, s.max(axis=-1))
-      alpha = jnp.exp(m - m_new)
-      p = jnp.exp(s - m_new[..., None])
-      l = l * alpha + p.sum(axis=-1)
-      pv = jnp.einsum("bnqm,bnmk->bnqk", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
-      return (m_new, l, acc * alpha[..., None] + pv), None
+      p = jnp.exp(s - m_new[:, None])
+      vj = _tile(v, b, j * block_kv, h, block_kv)
+      if width > kd:  # [v | 1 | 0...]: the same matmul also sums p (free in the last, partly used vector)
+        vj = jnp.concatenate([vj, jnp.ones((block_kv, 1), vj.dtype), jnp.zeros((block_kv, width - kd - 1), vj.dtype)],
+                             axis=1)
+      pv = jnp.einsum("qm,mk->qk", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+      if width == kd:
+        pv = jnp.concatenate([pv, p.sum(axis=-1, keepdims=True)], axis=1)
+      return m_new, acc * jnp.exp(m - m_new)[:, None] + pv
 
-    (m, l, acc), _ = jax.lax.scan(kv_step, carry, (ks, vs, bs))
-    return (acc / l[..., None]).astype(qi.dtype), m + jnp.log(l)
+    init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q, max(width, kd + 1)), jnp.float32))
+    m, acc = jax.lax.fori_loop(0, nk, kv_step, jax.tree.map(lambda c: _match_vma(c, qi), init))
+    l = acc[:, kd]  # sum of p
+    return (_put(out, acc[:, :kd] / l[:, None], b, i * block_q, h),
+            _put(lse, m + jnp.log(l), b, i * block_q, h))
 
-  out, lse = jax.lax.map(q_chunk, _chunks(q, block_q))
-  return _unchunk(out), _unchunk(lse)
+  init = (jnp.zeros(q.shape, q.dtype), jnp.zeros((b_, lp, n), jnp.float32))
+  return jax.lax.fori_loop(0, b_ * n * nq, q_tile, jax.tree.map(lambda c: _match_vma(c, q), init))
 
 
 def _blockwise_bwd_core(q, k, v, bias, out, lse, dout, block_q: int, block_kv: int):
-  """FlashAttention-2 backward: recomputes one (block_q x block_kv) probability tile per head at a time from the
-  saved log-sum-exp. Shapes as `_blockwise_fwd_core`; dout like out -> (dq, dk, dv) in the inputs' dtypes."""
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (B N L) rowsum(dO * O)
-  qs, dos, lses, deltas = (_chunks(t, block_q) for t in (q, dout, lse, delta))
-  ks, vs = _chunks(k, block_kv), _chunks(v, block_kv)
-  bs = None if bias is None else jnp.moveaxis(bias.reshape(bias.shape[0], -1, block_kv), 1, 0)
+  """FlashAttention-2 backward: for each key/value tile, loops over the query tiles recomputing the (block_q
+  block_kv) probabilities from the saved log-sum-exp. Shapes as `_blockwise_fwd_core`; dout like out ->
+  (dq, dk, dv) in the inputs' dtypes."""
+  b_, lp, n, kd = q.shape
+  nq, nk = lp // block_q, k.shape[1] // block_kv
+  scale = 1.0 / math.sqrt(kd)
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (B L N) rowsum(dO * O)
 
-  def kv_block(dqs, x):
-    kj, vj, bj = x
-    zeros = _match_vma(jnp.zeros(kj.shape, jnp.float32), kj)
+  def kv_tile(t, bufs):
+    dq, dk, dv = bufs
+    b, h, j = _split_index(t, n, nk)
+    kj, vj = _tile(k, b, j * block_kv, h, block_kv), _tile(v, b, j * block_kv, h, block_kv)
 
-    def q_step(carry, y):
-      dk, dv = carry
-      qi, doi, lsei, di, dqi = y
-      p = jnp.exp(_logits(qi, kj, bj, scale) - lsei[..., None])                       # (B N bq bk)
-      dv = dv + jnp.einsum("bnqm,bnqk->bnmk", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
-      dp = jnp.einsum("bnqk,bnmk->bnqm", doi, vj, preferred_element_type=jnp.float32)
-      ds = p * (dp - di[..., None])
-      dk = dk + jnp.einsum("bnqm,bnqk->bnmk", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
-      dqi = dqi + jnp.einsum("bnqm,bnmk->bnqk", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32)
-      return (dk, dv), dqi
+    def q_step(i, carry):
+      dq, dkj, dvj = carry
+      qi, doi = _tile(q, b, i * block_q, h, block_q), _tile(dout, b, i * block_q, h, block_q)
+      s = _logits(_scaled(qi, scale), kj, bias, b, j * block_kv, block_kv)
+      p = jnp.exp(s - _rows(lse, b, i * block_q, h, block_q)[:, None])                  # (bq bk)
+      dvj = dvj + jnp.einsum("qm,qk->mk", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("qk,mk->qm", doi, vj, preferred_element_type=jnp.float32)
+      ds = p * (dp - _rows(delta, b, i * block_q, h, block_q)[:, None])
+      dkj = dkj + jnp.einsum("qm,qk->mk", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
+      dqi = jnp.einsum("qm,mk->qk", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32)
+      dq = _put(dq, _tile(dq, b, i * block_q, h, block_q) + dqi * scale, b, i * block_q, h)
+      return dq, dkj, dvj
 
-    (dk, dv), dqs = jax.lax.scan(q_step, (zeros, zeros), (qs, dos, lses, deltas, dqs))
-    return dqs, ((dk * scale).astype(kj.dtype), dv.astype(vj.dtype))
+    zeros = _match_vma(jnp.zeros((block_kv, kd), jnp.float32), kj)
+    dq, dkj, dvj = jax.lax.fori_loop(0, nq, q_step, (dq, zeros, zeros))
+    return dq, _put(dk, dkj * scale, b, j * block_kv, h), _put(dv, dvj, b, j * block_kv, h)
 
-  dq0 = _match_vma(jnp.zeros(qs.shape, jnp.float32), q)
-  dqs, (dks, dvs) = jax.lax.scan(kv_block, dq0, (ks, vs, bs))
-  return (_unchunk(dqs) * scale).astype(q.dtype), _unchunk(dks), _unchunk(dvs)
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
+  dq, dk, dv = jax.lax.fori_loop(0, b_ * n * nk, kv_tile, jax.tree.map(lambda c: _match_vma(c, q), init))
+  return dq.astype(q.dtype), dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -293,7 +324,7 @@ def _blockwise_padded(q, k, v, bias, block_q, block_kv):
 
 def _blockwise_padded_fwd(q, k, v, bias, block_q, block_kv):
   out, lse = _blockwise_fwd_core(q, k, v, bias, block_q, block_kv)
-  return out, (q, k, v, bias, out, lse)  # the inputs, the output and the log-sum-exp: O(L K) per head
+  return out, (q, k, v, bias, out, lse)  # besides the inputs only the output and the log-sum-exp (B L N)
 
 
 def _blockwise_padded_bwd(block_q, block_kv, res, dout):
@@ -306,26 +337,27 @@ _blockwise_padded.defvjp(_blockwise_padded_fwd, _blockwise_padded_bwd)
 
 
 def blockwise_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
-                    block_q: int = 512, block_kv: int = 512) -> jax.Array:
-  """Blockwise attention (online softmax over key/value blocks, queries in chunks; custom VJP that recomputes
-  the probabilities tile by tile from the saved log-sum-exp). Shapes and semantics as `dot_product_attention`.
+                    block_q: int = 8192, block_kv: int = 1024) -> jax.Array:
+  """Blockwise attention: online softmax over key/value tiles, one (batch row, head, query tile) at a time, with
+  a custom VJP that saves only the output and the log-sum-exp and recomputes the probabilities tile by tile
+  (FlashAttention-2). Shapes and semantics as `dot_product_attention` (fp32 logits and softmax statistics).
 
-  Ragged lengths are padded to the blocks: padded keys get logit bias 2 * -1e30 (user-masked keys -1e30), so they
-  never contribute; padded queries are sliced off.
+  Ragged lengths are padded to the blocks: padded keys get logit bias 2 * -1e30 (masked keys -1e30), so they
+  never contribute; padded queries are sliced off. Memory: the inputs, the output, (B L N) statistics and a few
+  (block_q block_kv) fp32 tiles; the backward adds an fp32 dq accumulator.
   """
   b, l, n, kd = q.shape
   m = k.shape[1]
   bq, lp = _fit_block(l, block_q)
   bk, mp = _fit_block(m, block_kv)
-  heads_first = lambda t, length: jnp.pad(einops.rearrange(t, "b t n k -> b n t k"),
-                                          ((0, 0), (0, 0), (0, length - t.shape[1]), (0, 0)))
+  pad = lambda t, length: t if length == t.shape[1] else jnp.pad(t, ((0, 0), (0, length - t.shape[1]), (0, 0), (0, 0)))
   bias = None
   if mask is not None or mp != m:
     valid = jnp.ones((b, m), bool) if mask is None else mask.astype(bool)
     bias = jnp.where(valid, 0.0, _MASK_VALUE).astype(jnp.float32)
     bias = jnp.pad(bias, ((0, 0), (0, mp - m)), constant_values=_PAD_VALUE)
-  out = _blockwise_padded(heads_first(q, lp), heads_first(k, mp), heads_first(v, mp), bias, bq, bk)
-  return einops.rearrange(out[:, :, :l], "b n l k -> b l n k")
+  out = _blockwise_padded(pad(q, lp), pad(k, mp), pad(v, mp), bias, bq, bk)
+  return out if lp == l else out[:, :l]
 
 
 def cudnn_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
