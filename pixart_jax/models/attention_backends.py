@@ -1,12 +1,20 @@
-"""Attention backends behind one enum: `xla` (the reference), `splash` (Pallas TPU kernel), `cudnn` (GPU).
+"""Attention backends behind one enum: `xla` (the materialised reference), `blockwise` (memory-efficient, plain
+JAX), `splash` (Pallas TPU kernel), `cudnn` (GPU flash attention), and `auto` (the default) that picks one of them.
 
 Axis legend: B batch, L query tokens, M key/value tokens, N heads, K head dim.
 
-`attend` is what the attention modules call: it picks the backend from `AttentionOptions` (falling back to
-`xla` below `min_seq` key/value tokens), and under an active mesh (`jax.set_mesh`) wraps the splash kernel in
+`attend` is what the attention modules call: it resolves `auto` (`resolve_backend`: splash on TPU, cuDNN on GPU
+for bf16/fp16, blockwise otherwise: fp32 on GPU, and the CPU), falls back to `xla` for small problems
+(`select_backend`), and under an active mesh (`jax.set_mesh`) wraps the splash and blockwise kernels in
 `jax.shard_map` (batch by `parallel.sharding.batch_spec`, heads over `tensor`, query tokens over `sequence`).
 `attend_local` is the same computation on per-device blocks, for callers already inside a `shard_map`
 (`pixart_jax.parallel.context`).
+
+Blockwise details: the FlashAttention-2 algorithm (Dao, 2023, "FlashAttention-2: Faster Attention with Better
+Parallelism and Work Partitioning", algorithms 1 and 2) with `lax.fori_loop`s: online softmax over key/value
+tiles for one (batch row, head, query tile) at a time; a `jax.custom_vjp` saves only the output and the (B L N)
+log-sum-exp and its backward recomputes each (block_q block_kv) probability tile. Logits, softmax statistics and
+all accumulators are fp32. Ragged lengths are padded to the tiles internally and masked.
 
 Splash details: q is pre-scaled by 1/sqrt(K) (the kernel does not scale); the head dim is zero-padded to a
 multiple of 128 and the token axes to block multiples; padded and masked keys get segment id 0 while every
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Mapping
 
@@ -32,12 +41,16 @@ from jax.sharding import AxisType, PartitionSpec as P
 from pixart_jax.enums import ParsedEnum
 from pixart_jax.parallel.sharding import batch_spec, dim_spec
 
+log = logging.getLogger(__name__)
+
 _MASK_VALUE = -1e30
 _LANES = 128
 
 
 class AttentionBackend(ParsedEnum, what="attention backend"):
+  AUTO = "auto"
   XLA = "xla"
+  BLOCKWISE = "blockwise"
   SPLASH = "splash"
   CUDNN = "cudnn"
 
@@ -65,20 +78,28 @@ class AttentionOptions:
   """How attention runs (never what it computes, never the parameters); the one value that carries it, from the
   experiment config (`config.model.attention`) through `models.spec.ModelSpec` to every attention layer.
 
-  backend: "xla" (reference) | "splash" (Pallas TPU kernel; interpret mode elsewhere) | "cudnn" (GPU, bf16).
-  min_seq: below this many key/value tokens attention falls back to xla (e.g. the 300-token cross-attention
-    with the default 1024).
+  backend: "auto" (default: `resolve_backend` picks by platform and dtype) | "xla" (materialised reference) |
+    "blockwise" (memory-efficient, any platform) | "splash" (Pallas TPU kernel; interpret mode elsewhere) |
+    "cudnn" (GPU, bf16/fp16).
+  min_seq: splash / cudnn fall back to xla below this many key/value tokens (e.g. the 300-token
+    cross-attention with the default 1024); blockwise falls back when L * M < min_seq ** 2 (its memory bound
+    matters for the cross-attention of a 4K image too).
   block_sizes: splash tiles (block_q, block_kv, block_kv_compute), multiples of 128, clipped to the sequence;
     a 3-sequence (a JSON round trip gives a list) is accepted.
+  blockwise_block_q, blockwise_block_kv: blockwise tiles (query / key tokens per tile, clipped to the sequence;
+    one fp32 tile is block_q * block_kv * 4 bytes per batch row and head). The defaults are the fastest measured
+    on a 2-core Xeon (bench/results/blockwise_attention.md): large tiles keep the CPU matmuls near peak.
   interpret: run splash in Pallas interpret mode; None = iff the backend is not a TPU.
   sequence_parallel: under a mesh with a `sequence` axis > 1, self-attention shards tokens by grid rows and
     all-gathers (compressed) K/V explicitly (pixart_jax.parallel.context).
   """
-  backend: AttentionBackend = AttentionBackend.XLA
+  backend: AttentionBackend = AttentionBackend.AUTO
   min_seq: int = 1024
   block_sizes: SplashBlockSizes = SplashBlockSizes()
   interpret: bool | None = None
   sequence_parallel: bool = False
+  blockwise_block_q: int = 8192
+  blockwise_block_kv: int = 1024
 
   def __post_init__(self):
     object.__setattr__(self, "backend", AttentionBackend.parse(self.backend))
@@ -90,10 +111,14 @@ class AttentionOptions:
       object.__setattr__(self, "block_sizes", SplashBlockSizes(*(int(b) for b in blocks)))
     if not isinstance(self.min_seq, int) or self.min_seq < 0:
       raise ValueError(f"attention min_seq must be an int >= 0, got {self.min_seq!r}")
+    for name in ("blockwise_block_q", "blockwise_block_kv"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 8:
+        raise ValueError(f"attention {name} must be an int >= 8, got {v!r}")
 
   @classmethod
   def parse(cls, value: "AttentionOptions | AttentionBackend | str | Mapping | None") -> "AttentionOptions":
-    """None -> the defaults (xla); a backend (or its name) -> the defaults with that backend; a mapping with the
+    """None -> the defaults (auto); a backend (or its name) -> the defaults with that backend; a mapping with the
     field names (`config.model.attention`, None values keep the defaults) -> those options."""
     if value is None:
       return cls()
@@ -112,7 +137,8 @@ class AttentionOptions:
                      f"{value!r}")
 
 
-XLA_OPTIONS = AttentionOptions()
+XLA_OPTIONS = AttentionOptions(backend=AttentionBackend.XLA)
+AUTO_OPTIONS = AttentionOptions()
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -128,9 +154,57 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   return jnp.einsum("bnlm,bmnk->blnk", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
-def select_backend(opts: AttentionOptions, kv_len: int) -> AttentionBackend:
-  """The backend that runs for `kv_len` key/value tokens: opts.backend, or xla below opts.min_seq."""
-  return AttentionBackend.XLA if kv_len < opts.min_seq else opts.backend
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def resolve_backend(backend: AttentionBackend | str, dtype, platform: str | None = None
+                    ) -> tuple[AttentionBackend, str]:
+  """(the concrete backend, why) for `backend` on `platform` (None: `jax.default_backend()`) with activations of
+  `dtype`. An explicit backend is returned as is; `auto` is splash on TPU, cuDNN flash attention on GPU for
+  bf16/fp16, and blockwise for everything else (fp32 on GPU, the CPU): never the L x M logits."""
+  backend = AttentionBackend.parse(backend)
+  if backend is not AttentionBackend.AUTO:
+    return backend, "set explicitly"
+  platform = jax.default_backend() if platform is None else platform
+  dtype = jnp.dtype(dtype)
+  if platform == "tpu":
+    return AttentionBackend.SPLASH, "platform tpu: the splash Pallas kernel"
+  if platform in ("gpu", "cuda", "rocm") and dtype in _HALF:
+    return AttentionBackend.CUDNN, f"platform {platform} with {dtype.name} activations: cuDNN flash attention"
+  if platform in ("gpu", "cuda", "rocm"):
+    return AttentionBackend.BLOCKWISE, (f"platform {platform} with {dtype.name} activations (cuDNN flash attention "
+                                        "needs bf16/fp16): blockwise")
+  return AttentionBackend.BLOCKWISE, f"platform {platform}: blockwise (online softmax, no L x M logits)"
+
+
+@functools.lru_cache(maxsize=None)
+def _log_choice(platform: str, dtype: str, backend: AttentionBackend, why: str) -> None:
+  """Logs the auto choice once per (platform, dtype) in a process (the cache is what makes it once)."""
+  log.info("attention='auto' on %s with %s activations -> %r (%s)", platform, dtype, backend.value, why)
+
+
+def resolve(opts: AttentionOptions, dtype, platform: str | None = None) -> AttentionOptions:
+  """`opts` with `auto` replaced by the concrete backend for this platform and dtype (trace time; logged once).
+  Explicit backends come back unchanged."""
+  if opts.backend is not AttentionBackend.AUTO:
+    return opts
+  platform = jax.default_backend() if platform is None else platform
+  backend, why = resolve_backend(opts.backend, dtype, platform)
+  _log_choice(platform, jnp.dtype(dtype).name, backend, why)
+  return dataclasses.replace(opts, backend=backend)
+
+
+def select_backend(opts: AttentionOptions, kv_len: int, q_len: int | None = None) -> AttentionBackend:
+  """The backend that runs for `q_len` queries and `kv_len` key/value tokens (opts resolved, not auto):
+  opts.backend, or xla when the problem is small (splash / cudnn: kv_len < min_seq; blockwise: q_len * kv_len <
+  min_seq ** 2, with q_len = kv_len when not given)."""
+  if opts.backend is AttentionBackend.AUTO:
+    raise ValueError("select_backend needs a resolved backend (attention_backends.resolve), got 'auto'")
+  if opts.backend is AttentionBackend.BLOCKWISE:
+    small = (kv_len if q_len is None else q_len) * kv_len < opts.min_seq ** 2
+  else:
+    small = kv_len < opts.min_seq
+  return AttentionBackend.XLA if small else opts.backend
 
 
 def _round_up(n: int, m: int) -> int:
@@ -375,14 +449,17 @@ def cudnn_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
 
 
 def attend_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
-                 opts: AttentionOptions = XLA_OPTIONS) -> jax.Array:
+                 opts: AttentionOptions = AUTO_OPTIONS) -> jax.Array:
   """Dispatch without any sharding logic (per-device blocks or a single device). Shapes as
   `dot_product_attention`."""
-  backend = select_backend(opts, k.shape[1])
+  opts = resolve(opts, q.dtype)
+  backend = select_backend(opts, k.shape[1], q.shape[1])
   if backend is AttentionBackend.SPLASH:
     return splash_local(q, k, v, mask, block_sizes=opts.block_sizes, interpret=opts.interpret)
   if backend is AttentionBackend.CUDNN:
     return cudnn_local(q, k, v, mask)
+  if backend is AttentionBackend.BLOCKWISE:
+    return blockwise_local(q, k, v, mask, block_q=opts.blockwise_block_q, block_kv=opts.blockwise_block_kv)
   return dot_product_attention(q, k, v, mask)
 
 
@@ -395,31 +472,34 @@ def auto_mesh():
   return mesh if free else None
 
 
-def _splash_sharded(q, k, v, mask, opts: AttentionOptions, mesh) -> jax.Array:
+def _sharded(q, k, v, mask, opts: AttentionOptions, mesh) -> jax.Array:
+  """A per-device kernel (splash, blockwise) under `mesh`: batch, heads over `tensor`, queries over `sequence`;
+  K/V replicated along the query shards."""
   b, l, n, _ = q.shape
   bspec = batch_spec(mesh, None, (b,))[0]
   hspec = dim_spec(mesh, ("tensor",), n)
   lspec = dim_spec(mesh, ("sequence",), l)
   free = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual}  # made manual here
   q_spec, kv_spec = P(bspec, lspec, hspec, None), P(bspec, None, hspec, None)
-  fn = lambda q_, k_, v_, m_: splash_local(q_, k_, v_, m_, block_sizes=opts.block_sizes, interpret=opts.interpret)
+  fn = lambda q_, k_, v_, m_: attend_local(q_, k_, v_, m_, opts=opts)
   m_spec = None if mask is None else P(bspec, None)
-  # check_vma=False: pallas_call outputs carry no varying-axes type.
+  # check_vma=False for splash: pallas_call outputs carry no varying-axes type.
   return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, m_spec), out_specs=q_spec,
-                       axis_names=free, check_vma=False)(q, k, v, mask)
+                       axis_names=free, check_vma=opts.backend is not AttentionBackend.SPLASH)(q, k, v, mask)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
-           opts: AttentionOptions = XLA_OPTIONS) -> jax.Array:
+           opts: AttentionOptions = AUTO_OPTIONS) -> jax.Array:
   """Attention by the configured backend. q (B L N K), k v (B M N K), mask (B M) bool or None -> (B L N K).
 
-  Splash under a mesh runs inside `jax.shard_map` (the kernel is per-device); xla and cudnn are left to the
-  compiler's partitioner.
+  Splash and blockwise under a mesh run inside `jax.shard_map` (per-device loops over tiles); xla and cudnn are
+  left to the compiler's partitioner.
   """
-  backend = select_backend(opts, k.shape[1])
-  if backend is AttentionBackend.SPLASH:
+  opts = resolve(opts, q.dtype)
+  backend = select_backend(opts, k.shape[1], q.shape[1])
+  if backend in (AttentionBackend.SPLASH, AttentionBackend.BLOCKWISE):
     mesh = auto_mesh()
     if mesh is not None:
-      return _splash_sharded(q, k, v, mask, opts, mesh)
+      return _sharded(q, k, v, mask, opts, mesh)
   return attend_local(q, k, v, mask, opts=opts)
 
