@@ -279,9 +279,11 @@ def _varying_axes(x: jax.Array) -> frozenset:
   return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
 
 
-def _match_vma(x: jax.Array, like: jax.Array) -> jax.Array:
-  """`x` (a fresh constant) typed as varying over the same shard_map axes as `like` (loop carries must agree)."""
-  missing = tuple(sorted(_varying_axes(like) - _varying_axes(x)))
+def _match_vma(x: jax.Array, *likes: jax.Array | None) -> jax.Array:
+  """`x` (a fresh constant) typed as varying over every shard_map axis that any of `likes` varies over (a loop
+  carry must have the type of what the loop computes from them)."""
+  axes = frozenset().union(*(_varying_axes(a) for a in likes if a is not None))
+  missing = tuple(sorted(axes - _varying_axes(x)))
   return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
@@ -346,13 +348,13 @@ def _blockwise_fwd_core(q, k, v, bias, block_q: int, block_kv: int):
       return m_new, acc * jnp.exp(m - m_new)[:, None] + pv
 
     init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q, max(width, kd + 1)), jnp.float32))
-    m, acc = jax.lax.fori_loop(0, nk, kv_step, jax.tree.map(lambda c: _match_vma(c, qi), init))
+    m, acc = jax.lax.fori_loop(0, nk, kv_step, jax.tree.map(lambda c: _match_vma(c, q, k, v, bias), init))
     l = acc[:, kd]  # sum of p
     return (_put(out, acc[:, :kd] / l[:, None], b, i * block_q, h),
             _put(lse, m + jnp.log(l), b, i * block_q, h))
 
   init = (jnp.zeros(q.shape, q.dtype), jnp.zeros((b_, lp, n), jnp.float32))
-  return jax.lax.fori_loop(0, b_ * n * nq, q_tile, jax.tree.map(lambda c: _match_vma(c, q), init))
+  return jax.lax.fori_loop(0, b_ * n * nq, q_tile, jax.tree.map(lambda c: _match_vma(c, q, k, v, bias), init))
 
 
 def _blockwise_bwd_core(q, k, v, bias, out, lse, dout, block_q: int, block_kv: int):
@@ -363,6 +365,7 @@ def _blockwise_bwd_core(q, k, v, bias, out, lse, dout, block_q: int, block_kv: i
   nq, nk = lp // block_q, k.shape[1] // block_kv
   scale = 1.0 / math.sqrt(kd)
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (B L N) rowsum(dO * O)
+  everything = (q, k, v, bias, out, lse, dout)
 
   def kv_tile(t, bufs):
     dq, dk, dv = bufs
@@ -382,12 +385,12 @@ def _blockwise_bwd_core(q, k, v, bias, out, lse, dout, block_q: int, block_kv: i
       dq = _put(dq, _tile(dq, b, i * block_q, h, block_q) + dqi * scale, b, i * block_q, h)
       return dq, dkj, dvj
 
-    zeros = _match_vma(jnp.zeros((block_kv, kd), jnp.float32), kj)
+    zeros = _match_vma(jnp.zeros((block_kv, kd), jnp.float32), *everything)
     dq, dkj, dvj = jax.lax.fori_loop(0, nq, q_step, (dq, zeros, zeros))
     return dq, _put(dk, dkj * scale, b, j * block_kv, h), _put(dv, dvj, b, j * block_kv, h)
 
   init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
-  dq, dk, dv = jax.lax.fori_loop(0, b_ * n * nk, kv_tile, jax.tree.map(lambda c: _match_vma(c, q), init))
+  dq, dk, dv = jax.lax.fori_loop(0, b_ * n * nk, kv_tile, jax.tree.map(lambda c: _match_vma(c, *everything), init))
   return dq.astype(q.dtype), dk, dv
 
 
@@ -430,6 +433,9 @@ def blockwise_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     valid = jnp.ones((b, m), bool) if mask is None else mask.astype(bool)
     bias = jnp.where(valid, 0.0, _MASK_VALUE).astype(jnp.float32)
     bias = jnp.pad(bias, ((0, 0), (0, mp - m)), constant_values=_PAD_VALUE)
+  # Inside a shard_map, type every operand as varying over the same axes: the transpose of that cast sums
+  # dK / dV over the query shards that share replicated keys (the custom VJP's cotangents then type-check).
+  q, k, v, bias = (None if a is None else _match_vma(a, q, k, v, bias) for a in (q, k, v, bias))
   out = _blockwise_padded(pad(q, lp), pad(k, mp), pad(v, mp), bias, bq, bk)
   return out if lp == l else out[:, :l]
 
