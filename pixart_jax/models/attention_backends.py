@@ -372,16 +372,21 @@ def _blockwise_bwd_core(q, k, v, bias, out, lse, dout, block_q: int, block_kv: i
     b, h, j = _split_index(t, n, nk)
     kj, vj = _tile(k, b, j * block_kv, h, block_kv), _tile(v, b, j * block_kv, h, block_kv)
 
+    # Tiles are kept transposed, (block_kv block_q): dV and dK are then plain (untransposed) matmuls, the
+    # fast ones on the CPU; only dQ contracts over the leading axis.
+    bj = None if bias is None else jax.lax.dynamic_slice(bias, (b, j * block_kv), (1, block_kv)).reshape(-1, 1)
+
     def q_step(i, carry):
       dq, dkj, dvj = carry
       qi, doi = _tile(q, b, i * block_q, h, block_q), _tile(dout, b, i * block_q, h, block_q)
-      s = _logits(_scaled(qi, scale), kj, bias, b, j * block_kv, block_kv)
-      p = jnp.exp(s - _rows(lse, b, i * block_q, h, block_q)[:, None])                  # (bq bk)
-      dvj = dvj + jnp.einsum("qm,qk->mk", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
-      dp = jnp.einsum("qk,mk->qm", doi, vj, preferred_element_type=jnp.float32)
-      ds = p * (dp - _rows(delta, b, i * block_q, h, block_q)[:, None])
-      dkj = dkj + jnp.einsum("qm,qk->mk", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
-      dqi = jnp.einsum("qm,mk->qk", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32)
+      st = jnp.einsum("mk,qk->mq", kj, _scaled(qi, scale), preferred_element_type=jnp.float32)
+      st = st if bj is None else st + bj
+      pt = jnp.exp(st - _rows(lse, b, i * block_q, h, block_q)[None, :])                   # (bk bq)
+      dvj = dvj + jnp.einsum("mq,qk->mk", pt.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+      dpt = jnp.einsum("mk,qk->mq", vj, doi, preferred_element_type=jnp.float32)
+      dst = pt * (dpt - _rows(delta, b, i * block_q, h, block_q)[None, :])
+      dkj = dkj + jnp.einsum("mq,qk->mk", dst.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
+      dqi = jnp.einsum("mq,mk->qk", dst.astype(kj.dtype), kj, preferred_element_type=jnp.float32)
       dq = _put(dq, _tile(dq, b, i * block_q, h, block_q) + dqi * scale, b, i * block_q, h)
       return dq, dkj, dvj
 
