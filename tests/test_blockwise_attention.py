@@ -256,3 +256,14 @@ def test_small_problems_fall_back_to_xla_and_options_are_validated():
   parsed = AttentionOptions.parse({"backend": "blockwise", "blockwise_block_kv": 256, "min_seq": None})
   assert parsed == AttentionOptions(backend=AttentionBackend.BLOCKWISE, blockwise_block_kv=256)
   assert ModelSpec(get_preset("tiny")).attention.backend is AttentionBackend.AUTO
+
+
+def test_planner_resolves_auto_for_the_mesh_platform():
+  """The planner compiles for a TPU topology from a CPU host: auto must plan splash there, blockwise on the CPU."""
+  from pixart_jax.parallel.planning import Workload
+
+  work = Workload(get_preset("tiny"), (16, 16), 2)
+  assert work.attention.backend is AttentionBackend.AUTO
+  assert work.spec("none", "tpu").attention.backend is AttentionBackend.SPLASH
+  assert work.spec("none", "cpu").attention.backend is AttentionBackend.BLOCKWISE
+  assert Workload(get_preset("tiny"), (16, 16), 2, attention="xla").spec("none", "tpu").attention == XLA
