@@ -267,3 +267,16 @@ def test_planner_resolves_auto_for_the_mesh_platform():
   assert work.spec("none", "tpu").attention.backend is AttentionBackend.SPLASH
   assert work.spec("none", "cpu").attention.backend is AttentionBackend.BLOCKWISE
   assert Workload(get_preset("tiny"), (16, 16), 2, attention="xla").spec("none", "tpu").attention == XLA
+
+
+def test_bf16_inputs_keep_fp32_statistics():
+  """bf16 q/k/v (fp32 logits, statistics and accumulators inside): output and gradients in bf16, within bf16
+  rounding of the fp32 reference."""
+  q, k, v, c = qkv(1, 90, 70, 2, 72, seed=11)
+  bf = lambda *a: [jnp.asarray(x, jnp.bfloat16) for x in a]
+  out, grads = fwd_and_grads(lambda q, k, v: blockwise_local(q, k, v, block_q=32, block_kv=16), *bf(q, k, v, c))
+  want, want_grads = fwd_and_grads(lambda q, k, v: dot_product_attention(q, k, v), q, k, v, c)
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+  assert rel(out.astype(jnp.float32), want) <= 2e-2
+  for g, w in zip(grads, want_grads):
+    assert rel(g.astype(jnp.float32), w) <= 3e-2
