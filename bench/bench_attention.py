@@ -86,7 +86,8 @@ def main():
   opts = backends.AttentionOptions(backend=args.attention, **blocks)
   resolved = backends.resolve(opts, jnp.float32)
   materialises = backends.select_backend(resolved, 1 << 20) is backends.AttentionBackend.XLA
-  report = [f"Command: `python {' '.join(sys.argv)}`", "", f"Machine: {machine_description()}", "",
+  report = ["# Attention: blockwise vs torch SDPA, and memory (issue 14) — `bench/bench_attention.py`", "",
+            f"Command: `python {' '.join(sys.argv)}`", "", f"Machine: {machine_description()}", "",
             f"JAX attention: {args.attention!r} -> {resolved.backend.value!r}"
             + (f" (tiles {resolved.blockwise_block_q} x {resolved.blockwise_block_kv})"
                if resolved.backend is backends.AttentionBackend.BLOCKWISE else ""), ""]
