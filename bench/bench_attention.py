@@ -3,6 +3,8 @@
     python bench/bench_attention.py                                 # 1K 2K 4K 16K 64K tokens, 1 head x 72, fp32
     python bench/bench_attention.py --tokens 4096,16384 --heads 2 --runs 3
     python bench/bench_attention.py --tokens 1024 --no-torch        # quick check
+    python bench/bench_attention.py --tokens 4096,16384,65536 --core --memory \
+        --out bench/results/blockwise_attention.md                  # blockwise vs SDPA (issue 14)
 
 The layer is `pixart_jax.models.attention.SelfAttention` (q/k/v/out projections, 'conv' KV compression: depthwise
 2x2 stride-2 conv + LayerNorm shared by K and V, softmax in fp32), jitted, fp32, batch 1, on a square (or 1:2)
@@ -13,9 +15,14 @@ threads as cores; its output is checked against ours at the first size.
 CPU-size reduction (stated in the output): the width is heads x head_dim (default 1 x 72 = 72, XL/2 has 16 x 72);
 the attention core cost is the same per head, so the measured KV speedup at a reduced head count is what the full
 layer gets where attention dominates (analytic columns give the full-width XL/2 ratio too).
-Memory: the XLA reference attention materialises the (heads, L, M) fp32 logits; above --max-logits-gb the JAX
-layer runs the same module's projections and compression with queries in chunks (lax.map over blocks of
---chunk queries through the same `dot_product_attention`), which does the same FLOPs with bounded memory.
+Attention backend: --attention (default auto = blockwise on the CPU; `xla` = the materialised reference). With
+xla, above --max-logits-gb the JAX layer runs the same module's projections and compression with queries in
+chunks (lax.map over blocks of --chunk queries through the same `dot_product_attention`), which does the same FLOPs
+with bounded memory; blockwise never needs it. --block-q / --block-kv set the blockwise tiles.
+--core: also times the attention core alone (`attend` vs F.scaled_dot_product_attention on the same q/k/v, heads
+x head-dim as above), the kernel-to-kernel ratio. --memory: `memory_analysis()` temporaries of one XL/2-width
+(16 heads x 72) self-attention core at 64K tokens, forward + backward (jax.vjp), compiled for this CPU, for
+blockwise and the xla reference. --out FILE: also writes the report (command, machine, load, tables) as markdown.
 Timing: AOT compile (reported), then `--warmup` untimed and `--runs` timed calls, median; sizes >= 16K tokens
 skip the warm-up and take `--runs-large` calls (each call takes seconds).
 FLOPs: `pixart_jax.models.flops.self_attention_flops`.
@@ -56,6 +63,12 @@ def main():
   ap.add_argument("--chunk", type=int, default=4096, help="queries per chunk when chunking")
   ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   ap.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: all cores)")
+  ap.add_argument("--attention", default="auto", help="JAX attention backend: auto | xla | blockwise")
+  ap.add_argument("--block-q", type=int, default=None, help="blockwise query tile (default: AttentionOptions)")
+  ap.add_argument("--block-kv", type=int, default=None, help="blockwise key/value tile (default: AttentionOptions)")
+  ap.add_argument("--core", action="store_true", help="also time the attention core alone vs torch SDPA")
+  ap.add_argument("--memory", action="store_true", help="report fwd+bwd temporaries of an XL/2-width core at 64K")
+  ap.add_argument("--out", default=None, help="write the report as markdown to this file")
   args = ap.parse_args()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -64,9 +77,20 @@ def main():
   import numpy as np
   from flax import nnx
 
-  from common import fmt_table, gflops, machine_description, set_torch_threads, time_fn
+  from common import fmt_table, gflops, loadavg, machine_description, set_torch_threads, time_fn
   from pixart_jax.models import attention as attn_lib
+  from pixart_jax.models import attention_backends as backends
   from pixart_jax.models.flops import self_attention_flops
+
+  blocks = {k: v for k, v in (("blockwise_block_q", args.block_q), ("blockwise_block_kv", args.block_kv)) if v}
+  opts = backends.AttentionOptions(backend=args.attention, **blocks)
+  resolved = backends.resolve(opts, jnp.float32)
+  materialises = backends.select_backend(resolved, 1 << 20) is backends.AttentionBackend.XLA
+  report = ["# Attention: blockwise vs torch SDPA, and memory (issue 14) — `bench/bench_attention.py`", "",
+            f"Command: `python {' '.join(sys.argv)}`", "", f"Machine: {machine_description()}", "",
+            f"JAX attention: {args.attention!r} -> {resolved.backend.value!r}"
+            + (f" (tiles {resolved.blockwise_block_q} x {resolved.blockwise_block_kv})"
+               if resolved.backend is backends.AttentionBackend.BLOCKWISE else ""), ""]
 
   dim = args.heads * args.head_dim
   r = args.ratio
@@ -82,7 +106,7 @@ def main():
 
   def make_ours(ratio: int, seed: int = 0):
     return attn_lib.SelfAttention(dim, args.heads, kv_ratio=ratio, kv_mode="conv", dtype=jnp.float32,
-                                  param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
+                                  param_dtype=jnp.float32, rngs=nnx.Rngs(seed), opts=opts)
 
   def chunked_call(layer, x, hw):
     """The module's projections / compression, attention over query chunks (same math, bounded memory)."""
@@ -123,7 +147,28 @@ def main():
 
     return fwd
 
-  rows, checked = [], False
+  def core_row(n_tok: int, warm: int, runs: int) -> list:
+    """attend(q, k, v) (this backend) vs F.scaled_dot_product_attention, same fp32 q/k/v, no projections."""
+    rng_c = np.random.default_rng(1)
+    qkv_np = [rng_c.standard_normal((1, n_tok, args.heads, args.head_dim), dtype=np.float32) for _ in range(3)]
+    fn = jax.jit(lambda q, k, v: backends.attend(q, k, v, opts=opts)).lower(*qkv_np).compile()
+    qkv = [jnp.asarray(a) for a in qkv_np]
+    tj = time_fn(lambda: fn(*qkv).block_until_ready(), warmup=warm, runs=runs)
+    flops = 4 * n_tok * n_tok * dim
+    row = [n_tok, f"{tj.median * 1e3:.1f}", f"{gflops(flops, tj.median):.0f}"]
+    if not args.no_torch:
+      qt, kt, vt = (torch.from_numpy(a).transpose(1, 2).contiguous() for a in qkv_np)  # B N L K
+      with torch.inference_mode():
+        err = float(np.max(np.abs(F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).numpy()
+                                  - np.asarray(fn(*qkv)))))
+        tt = time_fn(lambda: F.scaled_dot_product_attention(qt, kt, vt), warmup=warm, runs=runs)
+      row += [f"{tt.median * 1e3:.1f}", f"{gflops(flops, tt.median):.0f}", f"**{tt.median / tj.median:.2f}x**",
+              f"{err:.1e}"]
+    print(f"  core {n_tok:6d} tokens: JAX {tj.fmt()}" + ("" if args.no_torch else f", torch {row[3]} ms"),
+          flush=True)
+    return row
+
+  rows, core_rows, checked = [], [], False
   rng = np.random.default_rng(0)
   for n_tok, (h, w) in zip(tokens, grids):
     x_np = rng.standard_normal((1, n_tok, dim), dtype=np.float32)
@@ -135,7 +180,7 @@ def main():
       layer = make_ours(ratio)
       graphdef, state = nnx.split(layer)
       m = attn_lib.KVCompress.out_grid(h, w, ratio, "conv") if ratio > 1 else (h, w)
-      chunk = args.heads * n_tok * m[0] * m[1] * 4 / 1e9 > args.max_logits_gb
+      chunk = materialises and args.heads * n_tok * m[0] * m[1] * 4 / 1e9 > args.max_logits_gb
       if chunk and n_tok % args.chunk:
         raise SystemExit(f"{n_tok} tokens are not a multiple of --chunk {args.chunk}")
       call = chunked_call if chunk else (lambda lay, xx, hw: lay(xx, hw))
@@ -158,6 +203,8 @@ def main():
       print(f"  {n_tok:6d} tokens R={ratio}: JAX {tj.fmt()} [{entry['path']}, compile {compile_s:.1f} s]"
             + ("" if args.no_torch else f", torch {entry['torch'].fmt()}"), flush=True)
     checked = True
+    if args.core:
+      core_rows.append(core_row(n_tok, warm, runs))
     a, b = res[1], res[r]
     full = lambda rr: self_attention_flops(h, w, 1152, ratio=rr)  # XL/2 width
     row = [n_tok, f"{h}x{w}", f"{a['jax'].median * 1e3:.1f}", f"{b['jax'].median * 1e3:.1f}",
@@ -175,6 +222,36 @@ def main():
     header += ["torch R=1 ms", f"torch R={r} ms", "torch/JAX time R=1 / R=2 (>1: JAX faster)"]
   print()
   print(fmt_table(header, rows))
+  report += [f"Self-attention layer (q/k/v/out projections, KV compression R={r} vs none), fp32, batch 1, width {dim} "
+             f"= {args.heads} heads x {args.head_dim}; median of {args.runs} calls below 16K tokens, "
+             f"{args.runs_large} at 16K and above:", "", fmt_table(header, rows), ""]
+  if core_rows:
+    core_header = ["tokens", "JAX ms", "JAX GFLOP/s"]
+    if not args.no_torch:
+      core_header += ["torch SDPA ms", "torch GFLOP/s", "torch/JAX time (>1: JAX faster)", "max |JAX - torch|"]
+    print("\nattention core alone (no projections):")
+    print(fmt_table(core_header, core_rows))
+    report += [f"Attention core alone (`attend` vs `F.scaled_dot_product_attention`, same q/k/v, {args.heads} x "
+               f"{args.head_dim}, fp32; GFLOP/s counts 4 L^2 D):", "", fmt_table(core_header, core_rows), ""]
+  if args.memory:
+    mem_rows = []
+    spec = jax.ShapeDtypeStruct((1, 65536, 16, 72), jnp.float32)
+    for name, o in (("blockwise", resolved if not materialises else backends.AttentionOptions("blockwise")),
+                    ("xla (materialised)", backends.XLA_OPTIONS)):
+      core = lambda q, k, v, o=o: backends.attend(q, k, v, opts=o)
+      vjp = jax.jit(lambda q, k, v, d, core=core: jax.vjp(core, q, k, v)[1](d))
+      mem = vjp.lower(spec, spec, spec, spec).compile().memory_analysis()
+      mem_rows.append([name, f"{mem.temp_size_in_bytes / 2 ** 30:.3f}", f"{mem.argument_size_in_bytes / 2 ** 30:.3f}",
+                       f"{mem.output_size_in_bytes / 2 ** 30:.3f}"])
+    mem_header = ["backend", "temporaries GiB", "arguments GiB (q k v dO)", "outputs GiB (dq dk dv)"]
+    print("\nXL/2-width self-attention core (16 heads x 72) at 65536 tokens, fwd + bwd, compiled for the CPU:")
+    print(fmt_table(mem_header, mem_rows))
+    report += ["Memory: one XL/2-width self-attention core (16 heads x 72, batch 1) at 65536 tokens, forward + "
+               "backward (`jax.vjp`), `compiled.memory_analysis()` on the CPU:", "", fmt_table(mem_header, mem_rows), ""]
+  report += [f"Load average at the end: {loadavg()}", ""]
+  if args.out:
+    pathlib.Path(args.out).write_text("\n".join(report))
+    print(f"\nwrote {args.out}")
 
   from pixart_jax.models.config import get_preset
   from pixart_jax.models.flops import dit_forward_flops

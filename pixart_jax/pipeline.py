@@ -120,7 +120,8 @@ class Pipeline:
       e.g. a fine-tune combined with `PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers`.
     dtype: compute dtype of the DiT (bf16 on accelerators); param_dtype: its storage dtype (bf16 halves HBM).
     text_dtype: compute dtype of T5 (default: `dtype`). vae_dtype: compute dtype of the VAE (float32 default).
-    attention: how the DiT's attention runs (`AttentionOptions`, a backend name such as "splash", None: xla).
+    attention: how the DiT's attention runs (`AttentionOptions`, a backend name such as "splash", None: auto,
+      i.e. splash on TPU, cuDNN on GPU for bf16/fp16, blockwise otherwise).
     """
     from pixart_jax.convert.dit import load_transformer
     from pixart_jax.convert.hub import resolve_local

@@ -30,6 +30,7 @@ from pixart_jax.parallel.mesh import make_mesh
 
 TOL = 2e-6
 SPLASH = AttentionOptions(backend=AttentionBackend.SPLASH, min_seq=0, block_sizes=SplashBlockSizes(128, 128, 128))
+XLA = AttentionOptions(backend=AttentionBackend.XLA)
 KW = dict(dtype=jnp.float32, param_dtype=jnp.float32)
 
 
@@ -158,7 +159,7 @@ def test_self_attention_splash_matches_xla(kv_ratio, qk_norm):
   gradients w.r.t. every parameter and the input."""
   mk = lambda opts: perturb(SelfAttention(32, 2, kv_ratio=kv_ratio, qk_norm=qk_norm, rngs=nnx.Rngs(0), opts=opts,
                                           **KW))
-  ref, ours = mk(AttentionOptions()), mk(SPLASH)
+  ref, ours = mk(XLA), mk(SPLASH)
   x = np.random.default_rng(1).standard_normal((2, 140, 32)).astype(np.float32)
   assert count_primitive(ours, "pallas_call", x, (10, 14)) == 1
   assert count_primitive(ref, "pallas_call", x, (10, 14)) == 0
@@ -172,7 +173,7 @@ def test_self_attention_splash_matches_xla(kv_ratio, qk_norm):
 def test_cross_attention_splash_caption_masks():
   """Different caption lengths per sample (1 and 11 of 16 tokens) via segment ids."""
   mk = lambda opts: perturb(CrossAttention(32, 2, rngs=nnx.Rngs(0), opts=opts, **KW))
-  ref, ours = mk(AttentionOptions()), mk(SPLASH)
+  ref, ours = mk(XLA), mk(SPLASH)
   rng = np.random.default_rng(2)
   x = rng.standard_normal((2, 96, 32)).astype(np.float32)
   y = rng.standard_normal((2, 16, 32)).astype(np.float32)
@@ -194,7 +195,7 @@ def test_threshold_falls_back_to_xla():
   comp = SelfAttention(32, 2, kv_ratio=2, rngs=nnx.Rngs(0), opts=opts, **KW)
   assert count_primitive(plain, "pallas_call", x, (10, 14)) == 1
   assert count_primitive(comp, "pallas_call", x, (10, 14)) == 0
-  ref = SelfAttention(32, 2, kv_ratio=2, rngs=nnx.Rngs(0), **KW)
+  ref = SelfAttention(32, 2, kv_ratio=2, rngs=nnx.Rngs(0), opts=XLA, **KW)
   xr = np.random.default_rng(3).standard_normal((1, 140, 32)).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(comp(xr, (10, 14))), np.asarray(ref(xr, (10, 14))))
 
@@ -215,7 +216,7 @@ def test_splash_inside_shard_map_under_mesh():
   queries over sequence) and still equals the unsharded xla reference."""
   mesh = make_mesh([("data", 2), ("tensor", 2), ("sequence", 2)])
   mk = lambda opts: perturb(CrossAttention(32, 2, rngs=nnx.Rngs(0), opts=opts, **KW))
-  ref, ours = mk(AttentionOptions()), mk(SPLASH)
+  ref, ours = mk(XLA), mk(SPLASH)
   rng = np.random.default_rng(4)
   x = rng.standard_normal((2, 96, 32)).astype(np.float32)
   y = rng.standard_normal((2, 16, 32)).astype(np.float32)
@@ -245,13 +246,14 @@ def test_model_spec_routes_backend():
   kv = spec.replace(cfg=spec.cfg.replace(kv_compress_layers=(1,)))
   assert count_primitive(abstract(kv), "pallas_call", *args) == 4
   assert count_primitive(abstract(spec.replace(attention="xla")), "pallas_call", *args) == 0
-  assert model_spec(smoke_config().model).attention == AttentionOptions()  # the default block: xla
+  assert model_spec(smoke_config().model).attention == AttentionOptions()  # the default block: auto
+  assert AttentionOptions().backend is AttentionBackend.AUTO
 
 
 @pytest.mark.slow
 def test_dit_forward_splash_matches_xla():
   cfg = get_preset("tiny", kv_compress_layers=(1,))
-  ref = perturb(PixArtSigma(cfg, rngs=nnx.Rngs(0)))
+  ref = perturb(PixArtSigma(cfg, attention=XLA, rngs=nnx.Rngs(0)))
   ours = perturb(PixArtSigma(cfg, attention=SPLASH, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(5)
   x = rng.standard_normal((2, 16, 12, 4)).astype(np.float32)

@@ -3,8 +3,8 @@
 Axis legend: B batch, L image tokens (h*w grid, row-major), S caption tokens, M compressed KV tokens,
 D hidden width, N heads, K head dim.
 
-How attention runs (xla / splash / cudnn, sequence parallelism) is an `AttentionOptions` value given at
-construction (default: the xla reference, no sequence parallelism); it never changes the parameters.
+How attention runs (auto / xla / blockwise / splash / cudnn, sequence parallelism) is an `AttentionOptions` value
+given at construction (default: auto, no sequence parallelism); it never changes the parameters.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixart_jax.models.attention_backends import XLA_OPTIONS, AttentionOptions, attend, dot_product_attention
+from pixart_jax.models.attention_backends import AUTO_OPTIONS, AttentionOptions, attend, dot_product_attention
 from pixart_jax.models.layers import Dtype, dense, layer_norm
 from pixart_jax.parallel import context
 from pixart_jax.parallel.sharding import make_param
@@ -100,7 +100,7 @@ class SelfAttention(nnx.Module):
   """PixArt self-attention (official `AttentionKVCompress`): q/k/v, optional qk-norm and KV compression."""
 
   def __init__(self, dim: int, num_heads: int, *, kv_ratio: int = 1, kv_mode: str = "conv", qk_norm: bool = False,
-               dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs, opts: AttentionOptions = XLA_OPTIONS):
+               dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs, opts: AttentionOptions = AUTO_OPTIONS):
     self.num_heads, self.opts, self.dtype = num_heads, opts, dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q = dense(dim, dim, ("embed", "heads"), **kw)
@@ -143,7 +143,7 @@ class CrossAttention(nnx.Module):
   """Image tokens attend to projected caption tokens under a key-padding mask (official `MultiHeadCrossAttention`)."""
 
   def __init__(self, dim: int, num_heads: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
-               opts: AttentionOptions = XLA_OPTIONS):
+               opts: AttentionOptions = AUTO_OPTIONS):
     self.num_heads, self.opts = num_heads, opts
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q = dense(dim, dim, ("embed", "heads"), **kw)

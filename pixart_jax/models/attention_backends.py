@@ -1,12 +1,20 @@
-"""Attention backends behind one enum: `xla` (the reference), `splash` (Pallas TPU kernel), `cudnn` (GPU).
+"""Attention backends behind one enum: `xla` (the materialised reference), `blockwise` (memory-efficient, plain
+JAX), `splash` (Pallas TPU kernel), `cudnn` (GPU flash attention), and `auto` (the default) that picks one of them.
 
 Axis legend: B batch, L query tokens, M key/value tokens, N heads, K head dim.
 
-`attend` is what the attention modules call: it picks the backend from `AttentionOptions` (falling back to
-`xla` below `min_seq` key/value tokens), and under an active mesh (`jax.set_mesh`) wraps the splash kernel in
+`attend` is what the attention modules call: it resolves `auto` (`resolve_backend`: splash on TPU, cuDNN on GPU
+for bf16/fp16, blockwise otherwise: fp32 on GPU, and the CPU), falls back to `xla` for small problems
+(`select_backend`), and under an active mesh (`jax.set_mesh`) wraps the splash and blockwise kernels in
 `jax.shard_map` (batch by `parallel.sharding.batch_spec`, heads over `tensor`, query tokens over `sequence`).
 `attend_local` is the same computation on per-device blocks, for callers already inside a `shard_map`
 (`pixart_jax.parallel.context`).
+
+Blockwise details: the FlashAttention-2 algorithm (Dao, 2023, "FlashAttention-2: Faster Attention with Better
+Parallelism and Work Partitioning", algorithms 1 and 2) with `lax.fori_loop`s: online softmax over key/value
+tiles for one (batch row, head, query tile) at a time; a `jax.custom_vjp` saves only the output and the (B L N)
+log-sum-exp and its backward recomputes each (block_q block_kv) probability tile. Logits, softmax statistics and
+all accumulators are fp32. Ragged lengths are padded to the tiles internally and masked.
 
 Splash details: q is pre-scaled by 1/sqrt(K) (the kernel does not scale); the head dim is zero-padded to a
 multiple of 128 and the token axes to block multiples; padded and masked keys get segment id 0 while every
@@ -19,6 +27,8 @@ captions always keep at least the EOS token, so this never arises in the model.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import math
 from typing import Mapping
 
@@ -31,12 +41,16 @@ from jax.sharding import AxisType, PartitionSpec as P
 from pixart_jax.enums import ParsedEnum
 from pixart_jax.parallel.sharding import batch_spec, dim_spec
 
+log = logging.getLogger(__name__)
+
 _MASK_VALUE = -1e30
 _LANES = 128
 
 
 class AttentionBackend(ParsedEnum, what="attention backend"):
+  AUTO = "auto"
   XLA = "xla"
+  BLOCKWISE = "blockwise"
   SPLASH = "splash"
   CUDNN = "cudnn"
 
@@ -64,20 +78,28 @@ class AttentionOptions:
   """How attention runs (never what it computes, never the parameters); the one value that carries it, from the
   experiment config (`config.model.attention`) through `models.spec.ModelSpec` to every attention layer.
 
-  backend: "xla" (reference) | "splash" (Pallas TPU kernel; interpret mode elsewhere) | "cudnn" (GPU, bf16).
-  min_seq: below this many key/value tokens attention falls back to xla (e.g. the 300-token cross-attention
-    with the default 1024).
+  backend: "auto" (default: `resolve_backend` picks by platform and dtype) | "xla" (materialised reference) |
+    "blockwise" (memory-efficient, any platform) | "splash" (Pallas TPU kernel; interpret mode elsewhere) |
+    "cudnn" (GPU, bf16/fp16).
+  min_seq: splash / cudnn fall back to xla below this many key/value tokens (e.g. the 300-token
+    cross-attention with the default 1024); blockwise falls back when L * M < min_seq ** 2 (its memory bound
+    matters for the cross-attention of a 4K image too).
   block_sizes: splash tiles (block_q, block_kv, block_kv_compute), multiples of 128, clipped to the sequence;
     a 3-sequence (a JSON round trip gives a list) is accepted.
+  blockwise_block_q, blockwise_block_kv: blockwise tiles (query / key tokens per tile, clipped to the sequence;
+    one fp32 tile is block_q * block_kv * 4 bytes per batch row and head). The defaults are the fastest measured
+    on a 2-core Xeon (bench/results/blockwise_attention.md): large tiles keep the CPU matmuls near peak.
   interpret: run splash in Pallas interpret mode; None = iff the backend is not a TPU.
   sequence_parallel: under a mesh with a `sequence` axis > 1, self-attention shards tokens by grid rows and
     all-gathers (compressed) K/V explicitly (pixart_jax.parallel.context).
   """
-  backend: AttentionBackend = AttentionBackend.XLA
+  backend: AttentionBackend = AttentionBackend.AUTO
   min_seq: int = 1024
   block_sizes: SplashBlockSizes = SplashBlockSizes()
   interpret: bool | None = None
   sequence_parallel: bool = False
+  blockwise_block_q: int = 8192
+  blockwise_block_kv: int = 1024
 
   def __post_init__(self):
     object.__setattr__(self, "backend", AttentionBackend.parse(self.backend))
@@ -89,10 +111,14 @@ class AttentionOptions:
       object.__setattr__(self, "block_sizes", SplashBlockSizes(*(int(b) for b in blocks)))
     if not isinstance(self.min_seq, int) or self.min_seq < 0:
       raise ValueError(f"attention min_seq must be an int >= 0, got {self.min_seq!r}")
+    for name in ("blockwise_block_q", "blockwise_block_kv"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 8:
+        raise ValueError(f"attention {name} must be an int >= 8, got {v!r}")
 
   @classmethod
   def parse(cls, value: "AttentionOptions | AttentionBackend | str | Mapping | None") -> "AttentionOptions":
-    """None -> the defaults (xla); a backend (or its name) -> the defaults with that backend; a mapping with the
+    """None -> the defaults (auto); a backend (or its name) -> the defaults with that backend; a mapping with the
     field names (`config.model.attention`, None values keep the defaults) -> those options."""
     if value is None:
       return cls()
@@ -111,7 +137,8 @@ class AttentionOptions:
                      f"{value!r}")
 
 
-XLA_OPTIONS = AttentionOptions()
+XLA_OPTIONS = AttentionOptions(backend=AttentionBackend.XLA)
+AUTO_OPTIONS = AttentionOptions()
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -127,9 +154,57 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   return jnp.einsum("bnlm,bmnk->blnk", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
-def select_backend(opts: AttentionOptions, kv_len: int) -> AttentionBackend:
-  """The backend that runs for `kv_len` key/value tokens: opts.backend, or xla below opts.min_seq."""
-  return AttentionBackend.XLA if kv_len < opts.min_seq else opts.backend
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def resolve_backend(backend: AttentionBackend | str, dtype, platform: str | None = None
+                    ) -> tuple[AttentionBackend, str]:
+  """(the concrete backend, why) for `backend` on `platform` (None: `jax.default_backend()`) with activations of
+  `dtype`. An explicit backend is returned as is; `auto` is splash on TPU, cuDNN flash attention on GPU for
+  bf16/fp16, and blockwise for everything else (fp32 on GPU, the CPU): never the L x M logits."""
+  backend = AttentionBackend.parse(backend)
+  if backend is not AttentionBackend.AUTO:
+    return backend, "set explicitly"
+  platform = jax.default_backend() if platform is None else platform
+  dtype = jnp.dtype(dtype)
+  if platform == "tpu":
+    return AttentionBackend.SPLASH, "platform tpu: the splash Pallas kernel"
+  if platform in ("gpu", "cuda", "rocm") and dtype in _HALF:
+    return AttentionBackend.CUDNN, f"platform {platform} with {dtype.name} activations: cuDNN flash attention"
+  if platform in ("gpu", "cuda", "rocm"):
+    return AttentionBackend.BLOCKWISE, (f"platform {platform} with {dtype.name} activations (cuDNN flash attention "
+                                        "needs bf16/fp16): blockwise")
+  return AttentionBackend.BLOCKWISE, f"platform {platform}: blockwise (online softmax, no L x M logits)"
+
+
+@functools.lru_cache(maxsize=None)
+def _log_choice(platform: str, dtype: str, backend: AttentionBackend, why: str) -> None:
+  """Logs the auto choice once per (platform, dtype) in a process (the cache is what makes it once)."""
+  log.info("attention='auto' on %s with %s activations -> %r (%s)", platform, dtype, backend.value, why)
+
+
+def resolve(opts: AttentionOptions, dtype, platform: str | None = None) -> AttentionOptions:
+  """`opts` with `auto` replaced by the concrete backend for this platform and dtype (trace time; logged once).
+  Explicit backends come back unchanged."""
+  if opts.backend is not AttentionBackend.AUTO:
+    return opts
+  platform = jax.default_backend() if platform is None else platform
+  backend, why = resolve_backend(opts.backend, dtype, platform)
+  _log_choice(platform, jnp.dtype(dtype).name, backend, why)
+  return dataclasses.replace(opts, backend=backend)
+
+
+def select_backend(opts: AttentionOptions, kv_len: int, q_len: int | None = None) -> AttentionBackend:
+  """The backend that runs for `q_len` queries and `kv_len` key/value tokens (opts resolved, not auto):
+  opts.backend, or xla when the problem is small (splash / cudnn: kv_len < min_seq; blockwise: q_len * kv_len <
+  min_seq ** 2, with q_len = kv_len when not given)."""
+  if opts.backend is AttentionBackend.AUTO:
+    raise ValueError("select_backend needs a resolved backend (attention_backends.resolve), got 'auto'")
+  if opts.backend is AttentionBackend.BLOCKWISE:
+    small = (kv_len if q_len is None else q_len) * kv_len < opts.min_seq ** 2
+  else:
+    small = kv_len < opts.min_seq
+  return AttentionBackend.XLA if small else opts.backend
 
 
 def _round_up(n: int, m: int) -> int:
@@ -176,6 +251,200 @@ def splash_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | Non
   return einops.rearrange(out[:, :, :l, :kd], "b n l k -> b l n k").astype(q.dtype)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Blockwise (flash-attention style) attention in plain JAX.
+#
+# Loops (lax.fori_loop, never Python) over one (batch row, head, block) at a time, in the callers' B T N K layout
+# (no transposed copies of q/k/v): every step multiplies a (block_q K) query tile by a (block_kv K) key tile, so
+# the largest temporaries are a few (block_q block_kv) fp32 tiles. One head at a time keeps the tiles large
+# (large tiles run the CPU matmul near its peak) within a fixed memory bound.
+
+_PAD_VALUE = 2 * _MASK_VALUE  # padded keys: below every masked real key, so a fully masked row averages real keys
+
+
+def _fit_block(length: int, block: int) -> tuple[int, int]:
+  """(block, padded length): the fewest blocks of at most `block` tokens (a multiple of 8 when there are
+  several), sized to waste as little padding as possible."""
+  count = -(-length // block)
+  if count == 1:
+    return length, length
+  size = _round_up(-(-length // count), 8)
+  return size, size * count
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+  """The shard_map axes `x` varies over (empty outside a shard_map)."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)
+  return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _match_vma(x: jax.Array, *likes: jax.Array | None) -> jax.Array:
+  """`x` (a fresh constant) typed as varying over every shard_map axis that any of `likes` varies over (a loop
+  carry must have the type of what the loop computes from them)."""
+  axes = frozenset().union(*(_varying_axes(a) for a in likes if a is not None))
+  missing = tuple(sorted(axes - _varying_axes(x)))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _tile(x: jax.Array, b, start, h, size: int) -> jax.Array:
+  """x (B T N K) -> the (size K) tile of batch row b, head h, tokens [start, start + size)."""
+  return jax.lax.dynamic_slice(x, (b, start, h, 0), (1, size, 1, x.shape[-1])).reshape(size, x.shape[-1])
+
+
+def _rows(x: jax.Array, b, start, h, size: int) -> jax.Array:
+  """x (B T N) -> (size) for batch row b, head h."""
+  return jax.lax.dynamic_slice(x, (b, start, h), (1, size, 1)).reshape(size)
+
+
+def _put(buf: jax.Array, tile: jax.Array, b, start, h) -> jax.Array:
+  """Writes a (size ...) tile back at (b, start, h) of a (B T N ...) buffer."""
+  tile = tile.reshape(1, tile.shape[0], 1, *tile.shape[1:]).astype(buf.dtype)
+  return jax.lax.dynamic_update_slice(buf, tile, (b, start, h) + (0,) * (buf.ndim - 3))
+
+
+def _split_index(t, heads: int, blocks: int):
+  """Flat loop index -> (batch row, head, block)."""
+  return t // (heads * blocks), (t // blocks) % heads, t % blocks
+
+
+def _scaled(x: jax.Array, scale: float) -> jax.Array:
+  return (x.astype(jnp.float32) * scale).astype(x.dtype)
+
+
+def _logits(qi, kj, bias, b, start, size):
+  """qi (bq K) pre-scaled, kj (bk K), bias (B M) fp32 or None -> (bq bk) fp32 logits."""
+  s = jnp.einsum("qk,mk->qm", qi, kj, preferred_element_type=jnp.float32)
+  if bias is None:
+    return s
+  return s + jax.lax.dynamic_slice(bias, (b, start), (1, size))
+
+
+def _blockwise_fwd_core(q, k, v, bias, block_q: int, block_kv: int):
+  """q (B L N K), k v (B M N K) with L, M multiples of the blocks; bias (B M) fp32 or None ->
+  (out (B L N K) in q's dtype, lse (B L N) fp32 log-sum-exp of the scaled logits)."""
+  b_, lp, n, kd = q.shape
+  nq, nk = lp // block_q, k.shape[1] // block_kv
+  scale = 1.0 / math.sqrt(kd)
+  width = _round_up(kd + 1, 16) if kd % 16 else kd  # (p @ v) width: one spare lane column holds the row sum
+
+  def q_tile(t, bufs):
+    out, lse = bufs
+    b, h, i = _split_index(t, n, nq)
+    qi = _scaled(_tile(q, b, i * block_q, h, block_q), scale)
+
+    def kv_step(j, carry):
+      m, acc = carry
+      s = _logits(qi, _tile(k, b, j * block_kv, h, block_kv), bias, b, j * block_kv, block_kv)
+      m_new = jnp.maximum(m, s.max(axis=-1))
+      p = jnp.exp(s - m_new[:, None])
+      vj = _tile(v, b, j * block_kv, h, block_kv)
+      if width > kd:  # [v | 1 | 0...]: the same matmul also sums p (free in the last, partly used vector)
+        vj = jnp.concatenate([vj, jnp.ones((block_kv, 1), vj.dtype), jnp.zeros((block_kv, width - kd - 1), vj.dtype)],
+                             axis=1)
+      pv = jnp.einsum("qm,mk->qk", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+      if width == kd:
+        pv = jnp.concatenate([pv, p.sum(axis=-1, keepdims=True)], axis=1)
+      return m_new, acc * jnp.exp(m - m_new)[:, None] + pv
+
+    init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q, max(width, kd + 1)), jnp.float32))
+    m, acc = jax.lax.fori_loop(0, nk, kv_step, jax.tree.map(lambda c: _match_vma(c, q, k, v, bias), init))
+    l = acc[:, kd]  # sum of p
+    return (_put(out, acc[:, :kd] / l[:, None], b, i * block_q, h),
+            _put(lse, m + jnp.log(l), b, i * block_q, h))
+
+  init = (jnp.zeros(q.shape, q.dtype), jnp.zeros((b_, lp, n), jnp.float32))
+  return jax.lax.fori_loop(0, b_ * n * nq, q_tile, jax.tree.map(lambda c: _match_vma(c, q, k, v, bias), init))
+
+
+def _blockwise_bwd_core(q, k, v, bias, out, lse, dout, block_q: int, block_kv: int):
+  """FlashAttention-2 backward: for each key/value tile, loops over the query tiles recomputing the (block_q
+  block_kv) probabilities from the saved log-sum-exp. Shapes as `_blockwise_fwd_core`; dout like out ->
+  (dq, dk, dv) in the inputs' dtypes."""
+  b_, lp, n, kd = q.shape
+  nq, nk = lp // block_q, k.shape[1] // block_kv
+  scale = 1.0 / math.sqrt(kd)
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (B L N) rowsum(dO * O)
+  everything = (q, k, v, bias, out, lse, dout)
+
+  def kv_tile(t, bufs):
+    dq, dk, dv = bufs
+    b, h, j = _split_index(t, n, nk)
+    kj, vj = _tile(k, b, j * block_kv, h, block_kv), _tile(v, b, j * block_kv, h, block_kv)
+
+    # Tiles are kept transposed, (block_kv block_q): dV and dK are then plain (untransposed) matmuls, the
+    # fast ones on the CPU; only dQ contracts over the leading axis.
+    bj = None if bias is None else jax.lax.dynamic_slice(bias, (b, j * block_kv), (1, block_kv)).reshape(-1, 1)
+
+    def q_step(i, carry):
+      dq, dkj, dvj = carry
+      qi, doi = _tile(q, b, i * block_q, h, block_q), _tile(dout, b, i * block_q, h, block_q)
+      st = jnp.einsum("mk,qk->mq", kj, _scaled(qi, scale), preferred_element_type=jnp.float32)
+      st = st if bj is None else st + bj
+      pt = jnp.exp(st - _rows(lse, b, i * block_q, h, block_q)[None, :])                   # (bk bq)
+      dvj = dvj + jnp.einsum("mq,qk->mk", pt.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+      dpt = jnp.einsum("mk,qk->mq", vj, doi, preferred_element_type=jnp.float32)
+      dst = pt * (dpt - _rows(delta, b, i * block_q, h, block_q)[None, :])
+      dkj = dkj + jnp.einsum("mq,qk->mk", dst.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
+      dqi = jnp.einsum("mq,mk->qk", dst.astype(kj.dtype), kj, preferred_element_type=jnp.float32)
+      dq = _put(dq, _tile(dq, b, i * block_q, h, block_q) + dqi * scale, b, i * block_q, h)
+      return dq, dkj, dvj
+
+    zeros = _match_vma(jnp.zeros((block_kv, kd), jnp.float32), *everything)
+    dq, dkj, dvj = jax.lax.fori_loop(0, nq, q_step, (dq, zeros, zeros))
+    return dq, _put(dk, dkj * scale, b, j * block_kv, h), _put(dv, dvj, b, j * block_kv, h)
+
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
+  dq, dk, dv = jax.lax.fori_loop(0, b_ * n * nk, kv_tile, jax.tree.map(lambda c: _match_vma(c, *everything), init))
+  return dq.astype(q.dtype), dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blockwise_padded(q, k, v, bias, block_q, block_kv):
+  return _blockwise_fwd_core(q, k, v, bias, block_q, block_kv)[0]
+
+
+def _blockwise_padded_fwd(q, k, v, bias, block_q, block_kv):
+  out, lse = _blockwise_fwd_core(q, k, v, bias, block_q, block_kv)
+  return out, (q, k, v, bias, out, lse)  # besides the inputs only the output and the log-sum-exp (B L N)
+
+
+def _blockwise_padded_bwd(block_q, block_kv, res, dout):
+  q, k, v, bias, out, lse = res
+  dq, dk, dv = _blockwise_bwd_core(q, k, v, bias, out, lse, dout, block_q, block_kv)
+  return dq, dk, dv, None if bias is None else jnp.zeros_like(bias)
+
+
+_blockwise_padded.defvjp(_blockwise_padded_fwd, _blockwise_padded_bwd)
+
+
+def blockwise_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+                    block_q: int = 8192, block_kv: int = 1024) -> jax.Array:
+  """Blockwise attention: online softmax over key/value tiles, one (batch row, head, query tile) at a time, with
+  a custom VJP that saves only the output and the log-sum-exp and recomputes the probabilities tile by tile
+  (FlashAttention-2). Shapes and semantics as `dot_product_attention` (fp32 logits and softmax statistics).
+
+  Ragged lengths are padded to the blocks: padded keys get logit bias 2 * -1e30 (masked keys -1e30), so they
+  never contribute; padded queries are sliced off. Memory: the inputs, the output, (B L N) statistics and a few
+  (block_q block_kv) fp32 tiles; the backward adds an fp32 dq accumulator.
+  """
+  b, l, n, kd = q.shape
+  m = k.shape[1]
+  bq, lp = _fit_block(l, block_q)
+  bk, mp = _fit_block(m, block_kv)
+  pad = lambda t, length: t if length == t.shape[1] else jnp.pad(t, ((0, 0), (0, length - t.shape[1]), (0, 0), (0, 0)))
+  bias = None
+  if mask is not None or mp != m:
+    valid = jnp.ones((b, m), bool) if mask is None else mask.astype(bool)
+    bias = jnp.where(valid, 0.0, _MASK_VALUE).astype(jnp.float32)
+    bias = jnp.pad(bias, ((0, 0), (0, mp - m)), constant_values=_PAD_VALUE)
+  # Inside a shard_map, type every operand as varying over the same axes: the transpose of that cast sums
+  # dK / dV over the query shards that share replicated keys (the custom VJP's cotangents then type-check).
+  q, k, v, bias = (None if a is None else _match_vma(a, q, k, v, bias) for a in (q, k, v, bias))
+  out = _blockwise_padded(pad(q, lp), pad(k, mp), pad(v, mp), bias, bq, bk)
+  return out if lp == l else out[:, :l]
+
+
 def cudnn_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """cuDNN flash attention (GPU only, bf16/fp16). Shapes as `dot_product_attention`."""
   if jax.default_backend() != "gpu":
@@ -191,14 +460,17 @@ def cudnn_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
 
 
 def attend_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
-                 opts: AttentionOptions = XLA_OPTIONS) -> jax.Array:
+                 opts: AttentionOptions = AUTO_OPTIONS) -> jax.Array:
   """Dispatch without any sharding logic (per-device blocks or a single device). Shapes as
   `dot_product_attention`."""
-  backend = select_backend(opts, k.shape[1])
+  opts = resolve(opts, q.dtype)
+  backend = select_backend(opts, k.shape[1], q.shape[1])
   if backend is AttentionBackend.SPLASH:
     return splash_local(q, k, v, mask, block_sizes=opts.block_sizes, interpret=opts.interpret)
   if backend is AttentionBackend.CUDNN:
     return cudnn_local(q, k, v, mask)
+  if backend is AttentionBackend.BLOCKWISE:
+    return blockwise_local(q, k, v, mask, block_q=opts.blockwise_block_q, block_kv=opts.blockwise_block_kv)
   return dot_product_attention(q, k, v, mask)
 
 
@@ -211,31 +483,34 @@ def auto_mesh():
   return mesh if free else None
 
 
-def _splash_sharded(q, k, v, mask, opts: AttentionOptions, mesh) -> jax.Array:
+def _sharded(q, k, v, mask, opts: AttentionOptions, mesh) -> jax.Array:
+  """A per-device kernel (splash, blockwise) under `mesh`: batch, heads over `tensor`, queries over `sequence`;
+  K/V replicated along the query shards."""
   b, l, n, _ = q.shape
   bspec = batch_spec(mesh, None, (b,))[0]
   hspec = dim_spec(mesh, ("tensor",), n)
   lspec = dim_spec(mesh, ("sequence",), l)
   free = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual}  # made manual here
   q_spec, kv_spec = P(bspec, lspec, hspec, None), P(bspec, None, hspec, None)
-  fn = lambda q_, k_, v_, m_: splash_local(q_, k_, v_, m_, block_sizes=opts.block_sizes, interpret=opts.interpret)
+  fn = lambda q_, k_, v_, m_: attend_local(q_, k_, v_, m_, opts=opts)
   m_spec = None if mask is None else P(bspec, None)
-  # check_vma=False: pallas_call outputs carry no varying-axes type.
+  # check_vma=False for splash: pallas_call outputs carry no varying-axes type.
   return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, m_spec), out_specs=q_spec,
-                       axis_names=free, check_vma=False)(q, k, v, mask)
+                       axis_names=free, check_vma=opts.backend is not AttentionBackend.SPLASH)(q, k, v, mask)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
-           opts: AttentionOptions = XLA_OPTIONS) -> jax.Array:
+           opts: AttentionOptions = AUTO_OPTIONS) -> jax.Array:
   """Attention by the configured backend. q (B L N K), k v (B M N K), mask (B M) bool or None -> (B L N K).
 
-  Splash under a mesh runs inside `jax.shard_map` (the kernel is per-device); xla and cudnn are left to the
-  compiler's partitioner.
+  Splash and blockwise under a mesh run inside `jax.shard_map` (per-device loops over tiles); xla and cudnn are
+  left to the compiler's partitioner.
   """
-  backend = select_backend(opts, k.shape[1])
-  if backend is AttentionBackend.SPLASH:
+  opts = resolve(opts, q.dtype)
+  backend = select_backend(opts, k.shape[1], q.shape[1])
+  if backend in (AttentionBackend.SPLASH, AttentionBackend.BLOCKWISE):
     mesh = auto_mesh()
     if mesh is not None:
-      return _splash_sharded(q, k, v, mask, opts, mesh)
+      return _sharded(q, k, v, mask, opts, mesh)
   return attend_local(q, k, v, mask, opts=opts)
 

@@ -11,7 +11,8 @@ heads over `tensor` when they divide) each device
   1. compresses its LOCAL K and V (KV compression, R x R windows: with h/s a multiple of R no window
      straddles two shards, so local compression + concatenation equals global compression),
   2. all-gathers the compressed K/V over `sequence` (R^2 = 4x fewer bytes than gathering uncompressed K/V),
-  3. attends its local queries to all keys with the configured backend.
+  3. attends its local queries to all keys with the configured backend (blockwise: tile by tile, so no
+     shard ever holds its (L/s x M) logits).
 
 Without compression step 1 is skipped and the full K/V are all-gathered (not a ring: simpler, one collective,
 and K/V for one 4K sample and layer are 65536 x 1152 x 2 bytes = 151 MB in bf16 — affordable on v5p/v5e).
@@ -26,7 +27,7 @@ import einops
 import jax
 from jax.sharding import AxisType, PartitionSpec as P
 
-from pixart_jax.models.attention_backends import AttentionBackend, AttentionOptions, attend_local
+from pixart_jax.models.attention_backends import AttentionBackend, AttentionOptions, attend_local, resolve
 from pixart_jax.parallel.sharding import batch_spec, dim_spec
 
 SEQUENCE_AXIS = "sequence"
@@ -79,6 +80,7 @@ def sequence_parallel_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, h
   if l != h * w:
     raise ValueError(f"{l} tokens do not match the {h}x{w} grid")
   check_grid(hw, shards, ratio if compress is not None else 1)
+  opts = resolve(opts, q.dtype)  # auto -> the concrete backend (check_vma below depends on it)
   head_dim = d // num_heads
   bspec = batch_spec(mesh, None, (b,))[0]
   hspec = dim_spec(mesh, ("tensor",), num_heads)

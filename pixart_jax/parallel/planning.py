@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pixart_jax.models import flops as flops_lib
-from pixart_jax.models.attention_backends import AttentionOptions
+from pixart_jax.models.attention_backends import AttentionOptions, resolve
 from pixart_jax.models.config import DiTConfig
 from pixart_jax.models.spec import ModelSpec, abstract
 from pixart_jax.parallel import chips
@@ -69,10 +69,12 @@ class Workload:
     if self.global_batch < 1:
       raise ValueError(f"global_batch must be >= 1, got {self.global_batch}")
 
-  def spec(self, remat: str) -> ModelSpec:
-    """The model as the program runs it (train: `remat`; sampling: "none", as `load_transformer` builds it)."""
+  def spec(self, remat: str, platform: str | None = None) -> ModelSpec:
+    """The model as the program runs it (train: `remat`; sampling: "none", as `load_transformer` builds it), with
+    attention `auto` resolved for `platform` (the mesh's devices: a TPU topology plans splash even from a CPU
+    host; None: this process's backend)."""
     return ModelSpec(self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, remat=remat,
-                     attention=self.attention)
+                     attention=resolve(self.attention, self.dtype, platform))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +197,7 @@ def plan_train(work: Workload, mesh: Mesh, optimizer=None, rules=sharding_lib.LO
   from pixart_jax.train import optimizers, state as state_lib, step as step_lib
 
   cfg = work.cfg
-  spec = work.spec(work.remat)
+  spec = work.spec(work.remat, mesh.devices.flat[0].platform)
   graphdef, _ = spec.split()
   opt_cfg = optimizer or optimizers.OptimizerConfig()
   tx, lr = optimizers.make_optimizer(opt_cfg, work.global_batch)
@@ -241,7 +243,7 @@ def plan_sample(work: Workload, mesh: Mesh, sampler: str = "dpm-solver",
   from pixart_jax.diffusion.denoise import STATIC_ARGNAMES, denoise
 
   cfg = work.cfg
-  model = abstract(work.spec("none"))
+  model = abstract(work.spec("none", mesh.devices.flat[0].platform))
   graphdef, params = nnx.split(model)
   params = _abstract(params, sharding_lib.state_shardings(params, mesh, rules))
 

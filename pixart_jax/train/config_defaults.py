@@ -10,9 +10,11 @@ Fields of the experiment (every recipe has all of them; `lock_config=True` makes
   model.overrides.<field>     any DiTConfig field (the architecture); None keeps the preset's value
   model.dtype / param_dtype   compute dtype (bfloat16 on accelerators) / parameter storage (float32)
   model.remat, model.scan     remat policy (none | full | dots | dots_no_batch), scanned blocks
-  model.attention.*           how attention runs (`models.attention_backends.AttentionOptions`): backend (xla |
-                              splash | cudnn), min_seq (xla below it), block_sizes (splash tiles), interpret (None =
-                              Pallas interpret mode iff not on a TPU), sequence_parallel
+  model.attention.*           how attention runs (`models.attention_backends.AttentionOptions`): backend (auto |
+                              xla | blockwise | splash | cudnn; auto = splash on TPU, cuDNN on GPU for bf16/fp16,
+                              blockwise otherwise), min_seq (xla below it), block_sizes (splash tiles), interpret
+                              (None = Pallas interpret mode iff not on a TPU), sequence_parallel,
+                              blockwise_block_q / blockwise_block_kv (blockwise tiles)
   mesh                        ((axis, size), ...) over data / fsdp / tensor / sequence; one size may be -1
   sharding_rules              ((logical name, mesh axes), ...) replacing entries of parallel.sharding.LOGICAL_RULES
   data.*                      the input pipeline (dir of prepared records, or synthetic=True), global batch
@@ -101,10 +103,12 @@ def _dit_overrides() -> mlc.ConfigDict:
 
 
 def _attention() -> mlc.ConfigDict:
-  """`config.model.attention`: the AttentionOptions fields at their defaults (the reference xla backend)."""
+  """`config.model.attention`: the AttentionOptions fields at their defaults (backend auto: splash on TPU, cuDNN on
+  GPU for bf16/fp16, blockwise otherwise)."""
   d = AttentionOptions()
   return mlc.ConfigDict(dict(backend=d.backend.value, min_seq=d.min_seq, block_sizes=dataclasses.astuple(d.block_sizes),
-                             interpret=config_dict.placeholder(bool), sequence_parallel=d.sequence_parallel))
+                             interpret=config_dict.placeholder(bool), sequence_parallel=d.sequence_parallel,
+                             blockwise_block_q=d.blockwise_block_q, blockwise_block_kv=d.blockwise_block_kv))
 
 
 def base_config(*, preset: str, table: str | None, batch_size: int, warmup: int, lr: float = 2e-5,
