@@ -25,3 +25,12 @@ def test_holds_at_most_n_and_blocks_on_the_oldest(monkeypatch):
 def test_rejects_a_bad_bound(bad):
   with pytest.raises(ValueError, match=r"max_in_flight must be an integer >= 1 .*got"):
     StepsInFlight(bad)
+
+
+def test_the_trainer_refuses_a_bad_config_bound_before_any_work(tmp_path):
+  from pixart_jax.train.loop import train_and_evaluate
+  from train_testlib import smoke_config
+
+  with pytest.raises(ValueError, match=r"max_in_flight must be an integer >= 1 .*got 0"):
+    train_and_evaluate(smoke_config(max_in_flight=0), str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists()
