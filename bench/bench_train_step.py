@@ -6,7 +6,7 @@ PixArtTransformer2DModel, same weights, same loss, AdamW, in the same run.
     PYTHONPATH=. python bench/bench_train_step.py --depth 4            # a quick check with 4 blocks
 
 One step on both sides = sample t ~ U{0..999} and noise, q_sample, forward, IDDPM loss (mse + vb, the variational
-bound computed with the eps prediction detached, spec 4.2; `--loss mse` for plain eps-MSE on both), backward,
+bound computed with the eps prediction detached, docs/ARCHITECTURE.md §4.2; `--loss mse` for plain eps-MSE on both), backward,
 global-norm clipping (1.0), AdamW (lr 1e-4, wd 0.03, eps 1e-10: the official base config), EMA off, no caption
 dropout. JAX: `pixart_jax.train.step` (the function the trainer runs), jitted with the state donated, AOT
 compiled (compile time reported). torch: the same arithmetic written with torch ops (the IDDPM loss is ported

@@ -1,4 +1,4 @@
-r"""PixArt-Sigma XL/2 at 1024 px, multi-aspect (official `PixArt_sigma_xl2_img1024_internalms.py`, spec 4.3).
+r"""PixArt-Sigma XL/2 at 1024 px, multi-aspect (official `PixArt_sigma_xl2_img1024_internalms.py`, docs/ARCHITECTURE.md §5.1).
 
 Stage: high aesthetics at 1024 px (paper: 5K steps; the paper used lr 1e-5 here, the shipped config 2e-5 — we keep
 the config's 2e-5, pass --config.optimizer.lr=1e-5 for the paper's), ASPECT_RATIO_1024 buckets, pe_interpolation

@@ -1,4 +1,4 @@
-r"""KV-compression fine-tune at 1024 px (official `PixArt_sigma_xl2_img1024_internalms_kvcompress.py`, spec 3, 4.3).
+r"""KV-compression fine-tune at 1024 px (official `PixArt_sigma_xl2_img1024_internalms_kvcompress.py`, docs/ARCHITECTURE.md §3, §5.1).
 
 Self-attention keys/values of the deep half (layers 14-27) are compressed 2x2 by a depthwise conv + LayerNorm.
 Weak-to-strong: start from the 1024-MS weights; the new `compress` parameters are absent from that checkpoint and

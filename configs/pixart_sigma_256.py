@@ -1,4 +1,4 @@
-r"""PixArt-Sigma XL/2 at 256 px, single scale (official `PixArt_sigma_xl2_img256_internal.py`, spec 4.3).
+r"""PixArt-Sigma XL/2 at 256 px, single scale (official `PixArt_sigma_xl2_img256_internal.py`, docs/ARCHITECTURE.md §5.1).
 
 Stage: text-image alignment on 256 px (paper: 80K steps, CAME lr 2e-5, 300-token T5 captions), pe_interpolation
 0.5, SDXL VAE latents. The official run used 64 images per GPU; here `data.batch_size` is the GLOBAL batch and the

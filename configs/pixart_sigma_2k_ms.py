@@ -1,4 +1,4 @@
-r"""PixArt-Sigma XL/2 at 2K, multi-aspect, no KV compression (the official 2K config as shipped, spec 3.3 / 4.3).
+r"""PixArt-Sigma XL/2 at 2K, multi-aspect, no KV compression (the official 2K config as shipped, docs/ARCHITECTURE.md §3.3, §5.1).
 
 The official `PixArt_sigma_xl2_img2K_internalms_kvcompress.py` sets kv_compress=False, so it trains this model:
 ASPECT_RATIO_2048 buckets, pe_interpolation 4.0, warmup 100, CAME lr 2e-5, starting from the 1024 px weights.

@@ -1,4 +1,4 @@
-r"""KV-compression fine-tune at 2K (the official 2K kvcompress config with compression actually on, spec 3.3, 4.3).
+r"""KV-compression fine-tune at 2K (the official 2K kvcompress config with compression actually on, docs/ARCHITECTURE.md §3.3, §5.1).
 
 The shipped 2K file has kv_compress=False (PixArt-sigma #131); this recipe turns it on as the paper describes:
 layers 14-27, conv 2x2, ASPECT_RATIO_2048 buckets, pe_interpolation 4.0, warmup 100, CAME lr 2e-5, from the 2K-MS

@@ -1,4 +1,4 @@
-r"""PixArt-Sigma XL/2 at 512 px, multi-aspect (official `PixArt_sigma_xl2_img512_internalms.py`, spec 4.3).
+r"""PixArt-Sigma XL/2 at 512 px, multi-aspect (official `PixArt_sigma_xl2_img512_internalms.py`, docs/ARCHITECTURE.md §5.1).
 
 Stage: high aesthetics at 512 px (paper: 10K steps, lr 2e-5), aspect-ratio buckets of ASPECT_RATIO_512,
 pe_interpolation 1.0, warmup 1000. Weak-to-strong: starts from the 256 px weights; the PE interpolation change

@@ -6,7 +6,7 @@
 What diffusers' PixArtSigmaPipeline does, step by step, and what we do the same way:
   * prompts are lower-cased and stripped (diffusers without bs4/ftfy; `text_preprocessing="none"` keeps them);
   * the negative prompt ("" by default) gets its own mask (`guidance_mode="diffusers"`); the official sampler
-    gives it the prompt's mask (`guidance_mode="official"`, spec 5.5); guidance_scale <= 1 runs no
+    gives it the prompt's mask (`guidance_mode="official"`, docs/ARCHITECTURE.md §6.6); guidance_scale <= 1 runs no
     unconditional branch;
   * the request is binned to the closest aspect-ratio bucket of the checkpoint's table, sampled there, decoded,
     then bilinearly resized to cover the request and center-cropped (`use_resolution_binning`);

@@ -1,4 +1,4 @@
-"""KV token compression against a PyTorch reference of the official AttentionKVCompress (spec section 3)."""
+"""KV token compression against a PyTorch reference of the official AttentionKVCompress (docs/ARCHITECTURE.md §3)."""
 import numpy as np
 import pytest
 import torch

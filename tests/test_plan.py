@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def analytic_params(cfg) -> int:
-  """Parameter count from the architecture (spec 2.12 generalised; no micro-conditions, no KV compression)."""
+  """Parameter count from the architecture (docs/ARCHITECTURE.md §2.12 generalised; no micro-conditions, no KV compression)."""
   d, dm, p, c, co, dc = (cfg.hidden_size, cfg.mlp_hidden, cfg.patch_size, cfg.in_channels, cfg.out_channels,
                          cfg.caption_channels)
   embed = (p * p * c * d + d) + (256 * d + d + d * d + d) + (d * 6 * d + 6 * d) + (dc * d + d + d * d + d)
@@ -31,7 +31,7 @@ def analytic_params(cfg) -> int:
 
 
 def test_analytic_param_formula_is_the_spec_count():
-  assert analytic_params(get_preset("sigma-xl2-1024-ms")) == 610_856_096  # spec 2.12
+  assert analytic_params(get_preset("sigma-xl2-1024-ms")) == 610_856_096  # docs/ARCHITECTURE.md §2.12
 
 
 def test_train_plan_tiny_fsdp8():
@@ -84,7 +84,7 @@ def test_plan_cli_bad_input(argv, msg, monkeypatch):
 
 
 def test_flops_reproduce_spec_table():
-  """Spec 3.6: MACs of one forward, no CFG, 300 caption tokens, R = 2 in layers 14-27."""
+  """docs/ARCHITECTURE.md §3.6: MACs of one forward, no CFG, 300 caption tokens, R = 2 in layers 14-27."""
   macs = lambda name, s, **kw: flops.dit_forward_flops(get_preset(name, **kw), s, s, 300) / 2
   assert macs("sigma-xl2-1024-ms", 128) / 1e12 == pytest.approx(3.31, abs=0.01)
   assert macs("sigma-xl2-1024-ms-kv", 128) / 1e12 == pytest.approx(2.91, abs=0.01)

@@ -1,4 +1,4 @@
-"""Weak-to-strong chain at smoke size: each stage trains FROM THE PREVIOUS STAGE'S WORKDIR (spec 4.9).
+"""Weak-to-strong chain at smoke size: each stage trains FROM THE PREVIOUS STAGE'S WORKDIR (docs/ARCHITECTURE.md §5.7).
 
 alpha-style Orbax dir (micro-conditions, PE 0.5) -> vae_adapt_256 -> upscale_512 -> upscale_1024 -> upscale_2k
                                                                                   \\-> kv_compress_1024
@@ -109,7 +109,7 @@ def test_stage_starts_from_its_predecessor(chain, name):
 
 
 def test_recipes_document_their_chain_and_cross_the_typed_boundary():
-  """Each recipe: run command + smoke command in its docstring; full and smoke configs build; PE per spec 4.9."""
+  """Each recipe: run command + smoke command in its docstring; full and smoke configs build; PE per docs/ARCHITECTURE.md §5.7."""
   interp = {"vae_adapt_256": 0.5, "upscale_512": 1.0, "upscale_1024": 2.0, "upscale_2k": 4.0, "kv_compress_1024": 2.0}
   readme = (W2S / "README.md").read_text()
   for name, scale in interp.items():

@@ -1,7 +1,7 @@
 """Load the PixArt-Sigma transformer from released weights, and export it back to the diffusers layout.
 
 Sources: a diffusers `transformer/` directory (safetensors, sharded or not), a whole diffusers pipeline
-directory, an official `.pth` (spec section 8.1), or a Hub id when online. Loading is strict (every source key
+directory, an official `.pth` (docs/ARCHITECTURE.md §9.1), or a Hub id when online. Loading is strict (every source key
 used or on the explicit drop list, every target filled, shapes checked) and streamed (the model is built
 abstractly and filled tensor by tensor).
 """

@@ -97,7 +97,7 @@ def export_tensors(cfg: DiTConfig, flat: dict[tuple, np.ndarray]) -> Iterator[tu
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Official PixArt checkpoints (.pth, spec section 8.1)
+# Official PixArt checkpoints (.pth, docs/ARCHITECTURE.md §9.1)
 # -------------------------------------------------------------------------------------------------------------
 OFFICIAL_DROP = ("pos_embed", "y_embedder.y_embedding")  # non-learned PE buffer; null caption (replaced by T5(""))
 

@@ -2,7 +2,7 @@
 
 Both are read as a flat tensor source keyed by our parameter paths ("blocks.attn.q.kernel") and loaded with
 `load_strict` through an identity key map into a model of a (possibly NEW) config, with the documented
-weak-to-strong rules (spec 4.9):
+weak-to-strong rules (docs/ARCHITECTURE.md §5.7):
   * PE interpolation / sample size changes: config only (the position embedding is recomputed, never stored);
   * new KV-compression parameters absent from the checkpoint: their average init (`weak_to_strong_init`,
     conv 1/R^2, bias 0, LayerNorm (1, 0)), allowed by `kv_compress_missing`;

@@ -1,4 +1,4 @@
-"""Classifier-free guidance by batch doubling (spec 5.5).
+"""Classifier-free guidance by batch doubling (docs/ARCHITECTURE.md §6.6).
 
 `cfg_model_fn` turns a conditional network `apply_fn(x, t, caption, mask) -> (B, H, W, 2C)` into
 the `model_fn(x, t)` the samplers take. The unconditional and conditional branches run as ONE
@@ -10,7 +10,7 @@ Modes (which mask the unconditional branch sees):
                has mask length 1).
   "official":  the uncond embedding with the COND mask (official `PixArtMS.forward` repeats the
                one mask it gets), i.e. the uncond branch attends to the first L_c rows of T5(""),
-               as in CFG-dropout training (spec 2.6).
+               as in CFG-dropout training (docs/ARCHITECTURE.md §2.6).
 `guide_channels`: None guides every output channel (diffusers). An int k guides only channels
 [:k] and takes the other channels from the conditional branch — the official IDDPM
 `forward_with_cfg` quirk inherited from DiT uses k = 3 (the 4th eps channel and the variance

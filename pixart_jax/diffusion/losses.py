@@ -1,4 +1,4 @@
-"""The IDDPM training loss of PixArt-Sigma (spec 4.2): MSE on eps + variational bound on v.
+"""The IDDPM training loss of PixArt-Sigma (docs/ARCHITECTURE.md §4.2): MSE on eps + variational bound on v.
 
 Official `GaussianDiffusion.training_losses` with learn_sigma (LEARNED_RANGE), EPSILON mean type,
 loss type MSE:

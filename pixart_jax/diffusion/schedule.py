@@ -1,4 +1,4 @@
-"""The discrete Gaussian diffusion process of PixArt-Sigma (IDDPM `GaussianDiffusion`, spec 4.1).
+"""The discrete Gaussian diffusion process of PixArt-Sigma (IDDPM `GaussianDiffusion`, docs/ARCHITECTURE.md §4.1).
 
 Tables are built once in float64 numpy (exactly as the official code does) and cast to float32
 when they are gathered inside JAX code, so schedule arithmetic runs in float32 whatever the

@@ -58,7 +58,7 @@ def compress_kv_tokens(x: jax.Array, hw: tuple[int, int], ratio: int, mode: str,
 
 
 class KVCompress(nnx.Module):
-  """Downsamples K and V on the 2-D token grid by R (spec section 3).
+  """Downsamples K and V on the 2-D token grid by R (docs/ARCHITECTURE.md §3).
 
   conv:    depthwise R x R stride-R conv (+ LayerNorm eps 1e-5, affine), ONE module shared by K and V,
            initialised to the exact R x R average (weight 1/R^2, bias 0) so an uncompressed checkpoint

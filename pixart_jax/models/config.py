@@ -2,7 +2,7 @@
 
 `DiTConfig` describes an architecture only (how the model runs, attention included, is a `models.spec.ModelSpec`);
 experiments (ml_collections) pick a preset by name and override a few fields once, at the edge (`from_preset`).
-Numbers follow the spec (section 2, 3, 8.3).
+Numbers follow docs/ARCHITECTURE.md §2 (the model), §3 (KV compression) and §2.1 (released checkpoints).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class DiTConfig:
 
   sample_size: latent side of the training resolution (image_size // 8); base_size = sample_size // patch_size.
   interpolation_scale: the PE interpolation (official `pe_interpolation`, diffusers `interpolation_scale`).
-  kv_compress_layers / kv_compress_ratio / kv_compress_mode: KV token compression (spec section 3); a list
+  kv_compress_layers / kv_compress_ratio / kv_compress_mode: KV token compression (docs/ARCHITECTURE.md §3); a list
     (a JSON round trip) is accepted and stored as a tuple of ints.
   """
 
@@ -129,7 +129,7 @@ _XL2 = dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2)
 KV_DEEP_HALF = tuple(range(14, 28))
 
 PRESETS: dict[str, DiTConfig] = {
-    # PixArt-Sigma XL/2, released checkpoints (spec 8.3).
+    # PixArt-Sigma XL/2, released checkpoints (docs/ARCHITECTURE.md §2.1).
     "sigma-xl2-256": DiTConfig(**_XL2, sample_size=32, interpolation_scale=0.5, image_size=256),
     "sigma-xl2-512-ms": DiTConfig(**_XL2, sample_size=64, interpolation_scale=1.0, image_size=512),
     "sigma-xl2-1024-ms": DiTConfig(**_XL2, sample_size=128, interpolation_scale=2.0, image_size=1024),

@@ -32,7 +32,7 @@ def _table_init(dim: int):
 
 
 class Block(nnx.Module):
-  """adaLN-single block: modulated self-attn, plain cross-attn, modulated MLP (spec 2.7)."""
+  """adaLN-single block: modulated self-attn, plain cross-attn, modulated MLP (docs/ARCHITECTURE.md §2.7)."""
 
   def __init__(self, cfg: DiTConfig, *, kv_ratio: int, opts: AttentionOptions, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):

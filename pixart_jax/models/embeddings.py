@@ -34,7 +34,7 @@ def sincos_2d(dim: int, h: int, w: int, base_size: int, interpolation_scale: flo
   """2-D sincos PE for an (h, w) token grid, row-major: (h*w, dim) float64.
 
   Each axis is normalised by its own token count: coord = i / (n / base_size) / interpolation_scale.
-  Channels [0, dim/2) encode the column (w) coordinate, [dim/2, dim) the row (h) coordinate (spec 2.4).
+  Channels [0, dim/2) encode the column (w) coordinate, [dim/2, dim) the row (h) coordinate (docs/ARCHITECTURE.md §2.4).
   """
   if dim % 4:
     raise ValueError(f"2-D sincos dim must be divisible by 4, got {dim}")

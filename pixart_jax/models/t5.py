@@ -10,7 +10,7 @@ Computation (identical to transformers' `T5EncoderModel`, eval mode):
 Precision: parameters are stored in `param_dtype`, matmuls run in `dtype`; the residual stream,
 RMSNorm statistics, the position bias, the attention logits/softmax and the accumulation of every
 projection back into the residual (`o`, `wo`; `preferred_element_type=float32`) stay in float32.
-That sidesteps the fp16 `wo` overflow pitfall (spec section 6). The output is always float32.
+That sidesteps the fp16 `wo` overflow pitfall (docs/ARCHITECTURE.md §8.1). The output is always float32.
 
 Parameters (logical axis names; the block stack has a leading `layers` axis):
   embed/embedding        (V, D)          (vocab, embed)
@@ -87,7 +87,7 @@ class T5Config:
 
   @classmethod
   def v1_1_xxl(cls) -> "T5Config":
-    """google/t5-v1_1-xxl encoder (PixArt-Sigma's text encoder, spec section 6)."""
+    """google/t5-v1_1-xxl encoder (PixArt-Sigma's text encoder, docs/ARCHITECTURE.md §8.1)."""
     return cls()
 
   @classmethod

@@ -113,7 +113,7 @@ def _attention() -> mlc.ConfigDict:
 
 def base_config(*, preset: str, table: str | None, batch_size: int, warmup: int, lr: float = 2e-5,
                 interpolation: float | None = None) -> mlc.ConfigDict:
-  """The official Sigma recipe (spec 4.3) around a preset; recipe files change only what differs."""
+  """The official Sigma recipe (docs/ARCHITECTURE.md §5.1) around a preset; recipe files change only what differs."""
   c = mlc.ConfigDict()
   c.seed = 43  # official `seed`
   c.model = mlc.ConfigDict(dict(preset=preset, overrides=_dit_overrides(), dtype="bfloat16", param_dtype="float32",

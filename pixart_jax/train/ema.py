@@ -1,7 +1,7 @@
 """Exponential moving average of the parameters (float32), as a pure function over parameter pytrees.
 
 ema <- rate * ema + (1 - rate) * params, leaf by leaf, in float32 (the official `update_ema` with `ema_rate`,
-spec 4.7). The official Sigma training script keeps no EMA; here it is optional (`config.ema.rate`, None = off).
+docs/ARCHITECTURE.md §5.5). The official Sigma training script keeps no EMA; here it is optional (`config.ema.rate`, None = off).
 The EMA tree has the structure (and, in the train state, the shardings) of the parameters.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ The experiment config is turned into an `OptimizerConfig` once (in the loop); `m
 
   optax.chain(clip_by_global_norm(clip), came | adamw (learning_rate = schedule))
 
-Learning rate (spec 4.4): the official recipe inherits `auto_lr = dict(rule='sqrt')`: the configured lr is the lr
+Learning rate (docs/ARCHITECTURE.md §5.2): the official recipe inherits `auto_lr = dict(rule='sqrt')`: the configured lr is the lr
 at a global batch of 256 and is multiplied by sqrt(global_batch / 256) before the optimizer is built
 (`auto_scale_lr`). Here `global_batch` counts the examples behind one optimizer update (the batch of one train
 step, all micro-batches of gradient accumulation included), exactly as the official

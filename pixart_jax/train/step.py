@@ -3,7 +3,7 @@
 Axis legend: B batch (global), K micro-batches (gradient accumulation), M = B / K, H W latent height/width,
 C latent channels, S caption tokens, Dc caption width.
 
-One call = one optimizer update over the global batch (spec 4.2):
+One call = one optimizer update over the global batch (docs/ARCHITECTURE.md §4.2):
   key = fold_in(state.rng, state.step)                        (same stream on any mesh / process count)
   t ~ U{0..N-1}, noise ~ N(0, 1), drop ~ Bernoulli(p) for all B examples, drawn up front
   x_t = q_sample(x0, t, noise); captions of dropped examples -> the null embedding (mask unchanged)

@@ -1,4 +1,4 @@
-"""DDIM, equivalent to diffusers `DDIMScheduler` step by step (spec 5.4).
+"""DDIM, equivalent to diffusers `DDIMScheduler` step by step (docs/ARCHITECTURE.md §6.5).
 
 Our default config (diffusers names): linear betas 1e-4 -> 0.02 over 1000 steps,
 prediction_type "epsilon", clip_sample False (PixArt latents are not in [-1, 1]; diffusers'

@@ -1,6 +1,6 @@
 """DPM-Solver++(2M), equivalent to diffusers `DPMSolverMultistepScheduler` as PixArt-Sigma ships it.
 
-Config reproduced (spec 5.6): algorithm_type "dpmsolver++", solver_order 2, solver_type
+Config reproduced (docs/ARCHITECTURE.md §6.1): algorithm_type "dpmsolver++", solver_order 2, solver_type
 "midpoint", lower_order_final True, euler_at_final False, prediction_type "epsilon",
 timestep_spacing "linspace", steps_offset 0, final_sigmas_type "zero", no thresholding, no
 Karras / Lu sigmas. With 20 steps the model sees the integer timesteps 999, 949, ..., 50 and the

@@ -1,4 +1,4 @@
-"""The official continuous-time DPM-Solver++ of PixArt-Sigma (spec 5.1 / 5.1b).
+"""The official continuous-time DPM-Solver++ of PixArt-Sigma (docs/ARCHITECTURE.md §6.2).
 
 [PS] `diffusion/model/dpm_solver.py` with `NoiseScheduleVP('discrete', betas)`,
 `model_wrapper(model_type='noise')`, `DPM_Solver(algorithm_type='dpmsolver++')` and

@@ -1,4 +1,4 @@
-"""IDDPM ancestral sampling with learned-range variance on a respaced schedule (spec 5.3).
+"""IDDPM ancestral sampling with learned-range variance on a respaced schedule (docs/ARCHITECTURE.md §6.4).
 
 Official `IDDPM(str(100))` + `p_sample_loop(..., clip_denoised=False)`: the 1000-step process is
 respaced to S steps (`space_timesteps`), the network is called with the ORIGINAL timestep of each

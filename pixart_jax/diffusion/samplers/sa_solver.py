@@ -1,6 +1,6 @@
 """SA-Solver (stochastic Adams, data prediction), equivalent to diffusers `SASolverScheduler`.
 
-Config reproduced (PixArt-Sigma demo, spec 5.2): algorithm_type "data_prediction",
+Config reproduced (PixArt-Sigma demo, docs/ARCHITECTURE.md §6.3): algorithm_type "data_prediction",
 predictor_order 2, corrector_order 2, tau(t) = 1 for 200 <= t <= 800 else 0, prediction_type
 "epsilon", timestep_spacing "linspace", lower_order_final True, 25 steps. As in diffusers the
 last update lands on sigma(t = 0), not on 0.
