@@ -17,8 +17,9 @@ import pytest
 from flax import nnx
 
 from pixart_jax.models.attention import CrossAttention, SelfAttention
-from pixart_jax.models.attention_backends import (AttentionBackend, AttentionOptions, attend, blockwise_local,
-                                                  dot_product_attention, resolve, resolve_backend, select_backend)
+from pixart_jax.models.attention_backends import (AttentionBackend, AttentionOptions, attend, dot_product_attention,
+                                                  resolve, resolve_backend, select_backend)
+from pixart_jax.models.blockwise_attention import blockwise_local
 from pixart_jax.models.config import get_preset
 from pixart_jax.models.dit import PixArtSigma
 from pixart_jax.models.spec import ModelSpec
