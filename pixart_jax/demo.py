@@ -219,8 +219,9 @@ def main(argv):
   _check_flags()
   logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger("pixart_jax").setLevel(logging.INFO)
-  work = pathlib.Path(FLAGS.workdir).absolute()
-  work.mkdir(parents=True, exist_ok=True)
+  from pixart_jax.outputs import claim_output
+
+  work = claim_output(FLAGS.workdir, tool="demo", resume=True, flag="--workdir")  # a rerun resumes; refuses others
   times = {}
   t0 = time.perf_counter()
 

@@ -22,6 +22,8 @@ import os
 import pathlib
 from typing import Callable, Collection, Mapping
 
+from etils import epath
+
 from pixart_jax.convert.hub import read_json
 
 __all__ = ["MARKER", "claim_output", "check_disjoint", "owner"]
@@ -42,6 +44,8 @@ def check_disjoint(out, inputs: Mapping[str, object], *, flag: str = "--out",
   """Refuses `out` when it equals, lies inside or contains one of the local `inputs` ({flag name: path}); inputs
   that are not local paths (Hub ids, None) are skipped. For the names in `may_lie_inside` (e.g. the folder of a
   manifest whose images may be anywhere) only equality and containment are refused."""
+  if "://" in str(out):
+    return  # a remote output cannot overlap a local input; remote inputs are not resolved
   o = _real(out)
   for name, path in inputs.items():
     if path is None or not os.path.exists(os.fspath(path)):
@@ -52,15 +56,37 @@ def check_disjoint(out, inputs: Mapping[str, object], *, flag: str = "--out",
                        f"replace or delete what is read)")
 
 
+def _as_path(out) -> pathlib.Path | epath.Path:
+  """An absolute local path, or an `etils.epath.Path` for a remote folder (gs://...)."""
+  text = os.fspath(out) if not isinstance(out, epath.Path) else str(out)
+  return epath.Path(text) if "://" in text else pathlib.Path(text).absolute()
+
+
+def _lexists(path) -> bool:
+  return os.path.lexists(path) if isinstance(path, pathlib.Path) else path.exists()
+
+
+def _read_marker(path, what: str) -> dict:
+  if isinstance(path, pathlib.Path):
+    return read_json(path, what)
+  try:
+    doc = json.loads(path.read_text())
+  except ValueError as e:
+    raise ValueError(f"{path} is not a valid {what}: not JSON ({e})") from None
+  if not isinstance(doc, dict):
+    raise ValueError(f"{path} is not a valid {what}: a JSON {type(doc).__name__}, expected a JSON object")
+  return doc
+
+
 def owner(out) -> str | None:
   """The tool that marked folder `out`, or None when it holds no marker. A marker file that is not one raises
   ValueError naming it."""
-  out = pathlib.Path(out)
+  out = _as_path(out)
   for name, (fmt, tool) in ((MARKER, (FORMAT, None)), *_LEGACY.items()):
     path = out / name
-    if not os.path.lexists(path):
+    if not _lexists(path):
       continue
-    doc = read_json(path, f"{name} output marker")
+    doc = _read_marker(path, f"{name} output marker")
     if doc.get("format") != fmt or (tool is None and not isinstance(doc.get("tool"), str)):
       raise ValueError(f"{path} is not a pixart_jax output marker (format {doc.get('format')!r}, expected {fmt!r}); "
                        f"refusing to write into {out}")
@@ -75,15 +101,16 @@ def _marker_name(entry: str) -> bool:
 def claim_output(out, *, tool: str, overwrite: bool = False, resume: bool = False,
                  inputs: Mapping[str, object] | None = None, may_lie_inside: Collection[str] = (),
                  adopt: Callable[[pathlib.Path], bool] | None = None, flag: str = "--out",
-                 write_marker: bool = True) -> pathlib.Path:
+                 write_marker: bool = True) -> pathlib.Path | epath.Path:
   """Makes folder `out` the output of `tool` before anything is written there (module doc); returns its absolute
   path. `inputs` ({flag: path}) must not overlap it (`check_disjoint`). `write_marker=False` only checks (e.g.
   every process but the first of a multi-host run, or a check before loading anything). Every process may call
-  it: the marker is written atomically under a per-process temporary name."""
+  it: the marker is written atomically under a per-process temporary name. Remote folders (gs://) are handled
+  through `etils.epath`."""
+  out = _as_path(out)
   if inputs:
     check_disjoint(out, inputs, flag=flag, may_lie_inside=may_lie_inside)
-  out = pathlib.Path(out).absolute()
-  if os.path.lexists(out) and not out.is_dir():
+  if _lexists(out) and not out.is_dir():
     raise FileExistsError(f"{flag} {out} exists and is not a folder")
   entries = sorted(e.name for e in out.iterdir()) if out.is_dir() else []
   if entries:
@@ -103,5 +130,5 @@ def claim_output(out, *, tool: str, overwrite: bool = False, resume: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f"{MARKER}.tmp{os.getpid()}"
     tmp.write_text(json.dumps({"format": FORMAT, "tool": tool}))
-    os.replace(tmp, out / MARKER)
+    tmp.replace(out / MARKER)
   return out

@@ -129,7 +129,10 @@ CLI_ROWS = [
                "optimizer.warmup must be an integer >= 0, got -10"),
     _train_row("train-weight-decay-nan", "--config.optimizer.weight_decay=nan",
                "optimizer.weight_decay must be a finite number >= 0, got nan"),
+    ("train-foreign-workdir", "pixart_jax.train.__main__", ["--config", SMOKE, "--workdir", "{pipe}"],
+     "entries train did not write"),
     # --- demo
+    ("demo-foreign-workdir", "pixart_jax.demo", ["--workdir", "{pipe}", "--steps", "1"], "entries demo did not write"),
     ("demo-steps-0", "pixart_jax.demo", ["--workdir", "{tmp}/d", "--steps", "0"],
      "--steps must be a positive integer (>= 1), got 0"),
     ("demo-batch-0", "pixart_jax.demo", ["--workdir", "{tmp}/d", "--batch_size", "0"],
