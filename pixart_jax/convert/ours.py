@@ -101,7 +101,10 @@ def _restore_verified(sdir: epath.Path, use_ema: bool) -> tuple[dict[str, np.nda
 
   item = "ema" if use_ema and (sdir / "ema").is_dir() else "state"
   tree = _restore_tree(sdir / item)
-  if not verify_item(sdir, item, tree):
+  one_device = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("host",))
+  with jax.set_mesh(one_device):  # the restored arrays live on one device, whatever mesh the caller has set
+    verified = verify_item(sdir, item, tree)
+  if not verified:
     log.warning("checkpoint %s has no checksums.json (an older version wrote it): read unverified", sdir)
   if item == "ema":
     return _flatten(tree), "ema"
