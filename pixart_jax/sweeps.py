@@ -93,7 +93,7 @@ def _spell(v: Any) -> str:
     text = "x".join(_spell(x) for x in v)
   else:
     text = str(v)
-  return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "_"
+  return re.sub(r"[^A-Za-z0-9._+-]+", "-", text) or "_"
 
 
 def trial_name(overrides: Mapping[str, Any]) -> str:
