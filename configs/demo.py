@@ -6,7 +6,7 @@ for sweeps and plain `pixart_jax.train` runs over a digits dataset that `python 
 Sweep (lr, 3 trials x 12 steps, about a minute on a CPU; what tests/test_sweep.py and scripts/demo_sweep.sh run):
   python -m pixart_jax.sweep --config configs/demo.py:smoke --workdir /tmp/demo_sweep \
       --config.data.dir workdir_demo/data
-Arguments: `smoke` (2 blocks, 12 steps, batch 16, logged every step, a checkpoint every 6), `steps=N`.
+Arguments: `smoke` (1 block, 12 steps, batch 16, logged every step, a checkpoint at the end), `steps=N`.
 """
 from pixart_jax import demo_config, sweeps
 from pixart_jax.train import config_defaults as common
@@ -19,9 +19,9 @@ def _arg(arg):
 def get_config(arg=None):
   a = _arg(arg)
   c = demo_config.train_config("", steps=4000, batch=64, seed=0)
-  if a.smoke:  # two of the four blocks, 12 steps: each trial compiles and runs in seconds
-    c.model.overrides.depth = 2
-    c.steps, c.data.batch_size, c.log_every, c.ckpt_every, c.keep = 12, 16, 1, 6, 1
+  if a.smoke:  # one of the four blocks, 12 steps, one checkpoint at the end: a trial compiles and runs in seconds
+    c.model.overrides.depth = 1
+    c.steps, c.data.batch_size, c.log_every, c.ckpt_every, c.keep = 12, 16, 1, 12, 1
     c.optimizer.warmup = 0
   if a.steps:
     c.steps = a.steps

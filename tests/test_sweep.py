@@ -100,12 +100,12 @@ def test_smoke_sweep_interrupted_after_two_trials_reruns_only_the_rest(trained_d
   calls = []
 
   def interrupted(cfg, workdir):
-    """Trials 1 and 2 run; trial 3 is stopped at its first checkpoint (step 6 of 12), as a preemption would."""
+    """Trials 1 and 2 run; trial 3 stops at step 6 of 12 with a checkpoint there, as a preemption would."""
     calls.append(pathlib.Path(workdir).name)
     if len(calls) < 3:
       return train_and_evaluate(cfg, workdir)
     short = cfg.copy_and_resolve_references()
-    short.steps = cfg.ckpt_every
+    short.steps = 6
     return dataclasses.replace(train_and_evaluate(short, workdir), preempted=True)
 
   status = sweep.run_sweep(base, trials, work, config=spec, train_fn=interrupted)
@@ -123,6 +123,7 @@ def test_smoke_sweep_interrupted_after_two_trials_reruns_only_the_rest(trained_d
   status = sweep.run_sweep(base, trials, work, config=spec, train_fn=recording)
   assert calls == [names[2]]  # only the rest runs
   assert set(status.values()) == {"done"}
+  assert sorted(p.name for p in (work / names[2] / "checkpoints").iterdir() if p.name.isdigit()) == ["12"]
   # Resumed, not restarted: steps 1-6 were logged once (first run), 7-12 once (rerun).
   lines = [json.loads(x) for x in (work / names[2] / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in lines] == list(range(1, 13))
