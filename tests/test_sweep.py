@@ -190,3 +190,10 @@ def test_cli_dry_run_and_bad_inputs(tmp_path):
     assert "Traceback" not in proc.stderr
   assert (foreign / "notes.txt").read_text() == "mine" and sorted(os.listdir(foreign)) == ["notes.txt"]
   assert not work.exists()
+
+  # --report_only on a sweep nothing ran in yet: the folder is claimed, 3 rows "not started", an (empty) plot.
+  proc = _cli("--config", spec, "--workdir", str(work), "--report_only")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert sorted(os.listdir(work)) == [sweep.MARKER, "sweep.csv", "sweep.png"]
+  assert [(r["name"], r["status"]) for r in _csv(work)] == [
+      ("lr=0.002", "not started"), ("lr=0.0005", "not started"), ("lr=0.0001", "not started")]
