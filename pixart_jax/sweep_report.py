@@ -7,8 +7,8 @@ CSV columns: index, name, status (done | partial | not started), step (last logg
 column per swept key), then `final_<metric>` (the last logged value of every scalar metric: loss, lr, grad_norm,
 and whatever evaluation metrics the trainer logged) and `min_loss`.
 
-The plot: the loss curves of all trials overlaid (left; a running mean over `smooth` logged points drawn over
-the raw curve), and one horizontal bar chart per final metric (right): `loss` and, where logged, evaluation metrics
+The plot: the loss curves of all trials overlaid (left; curves of 20 or more logged points are drawn as logged,
+faint, under a running mean over a tenth of their points), and one horizontal bar chart per final metric (right): `loss` and, where logged, evaluation metrics
 (keys that contain 'fid' or 'clip').
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pixart_jax.sweeps import Trial
 __all__ = ["read_curve", "summarize", "write_csv", "plot"]
 
 _SKIP = ("step", "time")
+SMOOTH_DIVISOR = 10  # a curve of n logged points is drawn with a running mean over n // 10 of them (if >= 2)
 
 
 def read_curve(path) -> list[dict]:
@@ -101,7 +102,7 @@ def _smooth(ys: list[float], n: int) -> list[float]:
   return out
 
 
-def plot(rows: Sequence[Mapping], path, *, title: str = "", smooth: int = 10) -> epath.Path:
+def plot(rows: Sequence[Mapping], path, *, title: str = "") -> epath.Path:
   """Writes the PNG described in the module doc; returns its path."""
   import matplotlib
 
@@ -114,21 +115,23 @@ def plot(rows: Sequence[Mapping], path, *, title: str = "", smooth: int = 10) ->
   grid = fig.add_gridspec(len(metrics), 2, width_ratios=(1.6, 1))
   ax = fig.add_subplot(grid[:, 0])
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  smoothed = False
   for i, r in enumerate(rows):
     curve = [(s, y) for s, y in r["_curve"] if math.isfinite(y)]
     if not curve:
       continue
     steps, ys = zip(*curve)
     c = colors[i % len(colors)]
-    if len(ys) > smooth > 1:
+    window = len(ys) // SMOOTH_DIVISOR
+    if window > 1:
+      smoothed = True
       ax.plot(steps, ys, color=c, alpha=0.25, linewidth=0.8)
-      ax.plot(steps, _smooth(list(ys), smooth), color=c, linewidth=1.6, label=r["name"])
+      ax.plot(steps, _smooth(list(ys), window), color=c, linewidth=1.6, label=r["name"])
     else:
       ax.plot(steps, ys, color=c, linewidth=1.6, marker="o", markersize=3, label=r["name"])
   ax.set_xlabel("step")
   ax.set_ylabel("training loss")
-  ax.set_title("loss curves" + (f" (running mean of {smooth})" if any(len(r["_curve"]) > smooth > 1
-                                                                     for r in rows) else ""))
+  ax.set_title("loss curves" + (" (faint: as logged; bold: running mean)" if smoothed else ""))
   ax.grid(alpha=0.3)
   if any(r["_curve"] for r in rows):
     ax.legend(fontsize=8)

@@ -67,6 +67,34 @@ def test_shipped_recipes_define_sweeps_that_apply():
     sweeps.apply_overrides(base, {"optimizr.lr": 1.0})
 
 
+def test_report_reads_resumed_logs_and_draws_eval_metrics(tmp_path):
+  """A resumed run logs some steps twice (the last record wins) and may end on a torn line; final metrics include
+  whatever the trainer logged; an FID metric gets its own bar panel."""
+  from pixart_jax import sweep_report
+
+  trials = sweeps.trials_of(sweeps.values("optimizer.lr", [1e-3, 1e-4]))
+  a, b = tmp_path / trials[0].name, tmp_path / trials[1].name
+  a.mkdir()
+  b.mkdir()
+  lines = [{"step": s, "time": 0.0, "loss": 1.0 / s, "lr": 1e-3} for s in range(1, 41)]
+  lines += [{"step": 40, "time": 1.0, "loss": 0.5, "lr": 1e-3, "eval/fid": 12.5}]  # step 40 again, after a resume
+  (a / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + '\n{"step": 41, "lo')
+  (b / "metrics.jsonl").write_text(json.dumps({"step": 3, "time": 0.0, "loss": float("nan"), "lr": 1e-4}) + "\n")
+  assert [r["step"] for r in sweep_report.read_curve(a / "metrics.jsonl")] == list(range(1, 41))
+  rows = sweep_report.summarize(tmp_path, trials, {trials[0].name: "done"})
+  assert rows[0]["status"] == "done" and rows[1]["status"] == "not started" and rows[0]["step"] == 40
+  assert rows[0]["final_loss"] == 0.5 and rows[0]["final_eval/fid"] == 12.5 and rows[0]["min_loss"] == 1.0 / 39
+  assert rows[1]["min_loss"] is None and rows[1]["optimizer.lr"] == 1e-4
+  sweep_report.write_csv(rows, tmp_path / "sweep.csv")
+  header = (tmp_path / "sweep.csv").read_text().splitlines()[0].split(",")
+  assert header[:5] == ["index", "name", "status", "step", "optimizer.lr"] and "final_eval/fid" in header
+  sweep_report.plot(rows, tmp_path / "with_fid.png")
+  sweep_report.plot([{k: v for k, v in r.items() if k != "final_eval/fid"} for r in rows], tmp_path / "loss.png")
+  h_fid = Image.open(tmp_path / "with_fid.png").size[1]
+  h_loss = Image.open(tmp_path / "loss.png").size[1]
+  assert h_fid > h_loss  # one more panel (final eval/fid)
+
+
 # ------------------------------------------------------------------ the smoke sweep
 def _demo_base(data_dir):
   import importlib.util

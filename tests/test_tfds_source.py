@@ -28,11 +28,7 @@ ROWS = {
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
   """(data_dir, name) of the built dataset."""
-  sys.path.insert(0, str(REPO / "tests"))
-  try:
-    import tfds_tiny_builder
-  finally:
-    sys.path.remove(str(REPO / "tests"))
+  import tfds_tiny_builder
   root = tmp_path_factory.mktemp("tfds")
   manual = root / "manual"
   manual.mkdir()
