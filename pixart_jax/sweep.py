@@ -14,7 +14,7 @@ runs (and when stopped), `DIR/sweep.csv` (one row per trial: status, overrides, 
   --dry_run            print the trials (index, name, status, overrides) and write nothing
   --report_only        write sweep.csv / sweep.png from what the trials logged so far; train nothing
 
-DIR is claimed with a marker (`.pixart_sweep.json`) before anything is written: a new or empty folder, or one of
+DIR is claimed with the output marker (`.pixart_output.json`, `pixart_jax.outputs`) before anything is written: a new or empty folder, or one of
 an earlier sweep (a rerun resumes it); any other folder is refused, nothing in it is touched.
 A trial whose loss becomes non-finite is recorded as `diverged` and the sweep goes on; SIGTERM / preemption stops
 the sweep after the running trial saved its checkpoint (exit 0; rerun to resume). Bad flags: one `error:` line,
@@ -34,6 +34,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from pixart_jax import sweep_report, sweeps
+from pixart_jax.outputs import claim_output
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file with get_sweep (FILE.py[:ARG]).",
                                           lock_config=True)
@@ -44,8 +45,6 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only write sweep.csv / s
 flags.mark_flags_as_required(["config", "workdir"])
 
 log = logging.getLogger(__name__)
-MARKER = ".pixart_sweep.json"
-MARKER_FORMAT = "pixart_jax.sweep/1"
 TRIAL_FILE = "sweep_trial.json"
 FINISHED = ("done", "diverged")  # a rerun skips these
 
@@ -60,23 +59,10 @@ def _read_json(path: epath.Path) -> Any:
     return None
 
 
-def claim_sweep_dir(workdir, *, config: str, write: bool = True) -> epath.Path:
-  """Makes `workdir` ours before anything is written (module doc); returns it. `write=False` checks only."""
-  out = epath.Path(workdir)
-  if out.exists() and not out.is_dir():
-    raise FileExistsError(f"--workdir {out} exists and is not a folder")
-  entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-  if entries:
-    doc = _read_json(out / MARKER)
-    if not (isinstance(doc, dict) and doc.get("format") == MARKER_FORMAT):
-      raise FileExistsError(
-          f"--workdir {out} already holds {len(entries)} entries this tool did not write (e.g. {entries[:3]}; no "
-          f"{MARKER}); they are never replaced or deleted: choose a new or empty folder")
-    return out
-  if write:
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / MARKER, {"format": MARKER_FORMAT, "config": config})
-  return out
+def claim_sweep_dir(workdir, *, write: bool = True) -> epath.Path:
+  """Makes `workdir` the sweep's folder before anything is written (`pixart_jax.outputs.claim_output`: new, empty
+  or an earlier sweep's, which a rerun resumes); returns it. `write=False` checks only."""
+  return epath.Path(claim_output(workdir, tool="sweep", resume=True, flag="--workdir", write_marker=write))
 
 
 def _write_json(path: epath.Path, doc: dict) -> None:
@@ -120,7 +106,7 @@ def run_sweep(base, trials: Sequence[sweeps.Trial], workdir, *, config: str, sel
       check_config(cfg)
     except ValueError as e:
       raise ValueError(f"trial {name!r}: {e}") from None
-  root = claim_sweep_dir(workdir, config=config, write=primary)
+  root = claim_sweep_dir(workdir, write=primary)
   if train_fn is None:
     from pixart_jax.train.loop import train_and_evaluate as train_fn
   status = {t.name: trial_status(root / t.name) for t in trials}
@@ -207,14 +193,14 @@ def main(argv) -> int:
   chosen = sweeps.select(trials, _TRIALS.value)
   if _DRY_RUN.value:
     trial_configs(base, chosen)  # bad keys are reported by a dry run too
-    claim_sweep_dir(_WORKDIR.value, config=spec, write=False)
+    claim_sweep_dir(_WORKDIR.value, write=False)
     print(describe(trials, chosen, _WORKDIR.value))
     return 0
   logging.getLogger().setLevel(logging.INFO)
   for noisy in ("absl", "jax", "orbax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   if _REPORT_ONLY.value:
-    root = claim_sweep_dir(_WORKDIR.value, config=spec)
+    root = claim_sweep_dir(_WORKDIR.value)
     rows = write_report(root, trials, {t.name: trial_status(root / t.name) for t in trials}, title=spec)
     print(f"{len(rows)} trials: {root / 'sweep.csv'}, {root / 'sweep.png'}")
     return 0

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixart_jax import sweep, sweeps
+from pixart_jax import outputs, sweep, sweeps
 from pixart_jax.sweep_report import read_curve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -222,6 +222,6 @@ def test_cli_dry_run_and_bad_inputs(tmp_path):
   # --report_only on a sweep nothing ran in yet: the folder is claimed, 3 rows "not started", an (empty) plot.
   proc = _cli("--config", spec, "--workdir", str(work), "--report_only")
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert sorted(os.listdir(work)) == [sweep.MARKER, "sweep.csv", "sweep.png"]
+  assert sorted(os.listdir(work)) == [outputs.MARKER, "sweep.csv", "sweep.png"]
   assert [(r["name"], r["status"]) for r in _csv(work)] == [
       ("lr=0.002", "not started"), ("lr=0.0005", "not started"), ("lr=0.0001", "not started")]
