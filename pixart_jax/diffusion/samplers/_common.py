@@ -96,8 +96,8 @@ def noise_source(key: jax.Array | None, noise: jnp.ndarray | None, num_steps: in
 #     in its img2img / inpainting pipelines). With strength 1 the loop starts from x_T itself (diffusers
 #     StableDiffusionInpaintPipeline.prepare_latents, `is_strength_max`), so it IS text-to-image.
 #   * inpainting: after every step (and at the start) the kept region (mask 0) of the state is replaced by the
-#     image's latents noised to the level of that state with the same x_T, as diffusers'
-#     StableDiffusionInpaintPipeline does for a 4-channel UNet after each `scheduler.step`.
+#     image's latents noised to the level of that state with the same x_T (after the last step: the image itself),
+#     as diffusers' StableDiffusionInpaintPipeline does for a 4-channel UNet after each `scheduler.step`.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,11 +160,15 @@ def run_edit_scan(step: Callable[[Any, Any], Any], carry: Any, xs: Any, x_T: jnp
                   return_trajectory: bool, known: Known | None, levels_after: np.ndarray):
   """`run_scan` from x_start (carry[0]) that, when inpainting, keeps the image's region after every step.
 
-  x_T: the initial noise (it noises the kept region); levels_after: (S', 2) the (alpha, sigma) each step lands on.
+  x_T: the initial noise (it noises the kept region); levels_after: (S', 2) the (alpha, sigma) each step lands on
+  (the last one is replaced by (1, 0): the image itself).
   The trajectory starts at x_start.
   """
   if known is None or known.mask is None:
     return run_scan(step, carry, xs, x_start, return_trajectory)
+
+  levels_after = np.array(levels_after, np.float64)
+  levels_after[-1] = (1.0, 0.0)  # after the last step: the image itself (diffusers, whatever sigma it lands on)
 
   def blended(c, xs_i):
     inner, (a, s) = xs_i
