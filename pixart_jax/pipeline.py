@@ -11,10 +11,12 @@ What diffusers' PixArtSigmaPipeline does, step by step, and what we do the same 
   * the request is binned to the closest aspect-ratio bucket of the checkpoint's table, sampled there, decoded,
     then bilinearly resized to cover the request and center-cropped (`use_resolution_binning`);
   * images are (x / 2 + 0.5) clipped to [0, 1], times 255, rounded.
-The whole denoising loop is one jitted program (`diffusion.denoise`, the same the planner compiles) per (batch,
-latent shape, sampler, steps, guidance on/off); the guidance scale is a traced argument, so changing it does not
-recompile. Initial noise of image i is drawn from
-`fold_in(key(seed), i)`, so an image does not change with the batch it is generated in.
+Image-to-image (`image=`, `strength=`) and inpainting (`image=`, `mask=`) steer the same loop (`diffusion.denoise`
+keywords) for every sampler; the image is VAE-encoded at the sample size. The whole denoising loop is one jitted
+program (`diffusion.denoise`, the same the planner compiles) per (batch, latent shape, sampler, steps, guidance
+on/off, strength, with/without image and mask); the guidance scale is a traced argument, so changing it does not
+recompile. Initial noise of image i is drawn from `fold_in(key(seed), i)`, so an image does not change with the
+batch it is generated in.
 """
 from __future__ import annotations
 

@@ -121,9 +121,9 @@ def img2img_start(num_steps: int, strength: float) -> int:
 
 def check_edit(x_T: jnp.ndarray, strength: float, known: Known | None) -> None:
   """strength in (0, 1]; strength < 1 or a mask needs the image's latents of x_T's shape; mask (B H W 1)."""
-  ok = isinstance(strength, (int, float, np.floating)) and not isinstance(strength, bool)
-  if not ok or not 0.0 < float(strength) <= 1.0:
-    raise ValueError(f"strength must be a number in (0, 1] (1 = text-to-image), got {strength!r}")
+  from pixart_jax import checks
+
+  checks.strength("strength", strength)
   if known is None:
     if strength < 1.0:
       raise ValueError(f"strength={strength} < 1 needs the image's latents (known=Known(latents, ...))")
