@@ -105,3 +105,15 @@ def test_sample_cli_edit_flags(tiny, tmp_path):
                        timeout=600)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(match), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_inpainting_on_a_mesh_matches_one_device(tiny):
+  """The image latents and the latent mask are placed like the noise (batch over the mesh's data axes)."""
+  from pixart_jax.parallel.mesh import make_mesh
+
+  path, pipe = tiny
+  sharded = pj.Pipeline.from_pretrained(path, dtype=np.float32, mesh=make_mesh([("data", 4), ("fsdp", 2)]))
+  prompts = ["a cat", "a dog", "a car", "a tree"]
+  kw = dict(KW, image=_image(), mask=_mask(), strength=0.8, output="float")
+  got = sharded(prompts, **kw)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(pipe(prompts, **kw)), atol=2e-4)
