@@ -79,6 +79,31 @@ def test_inpainting_ends_with_the_image_in_the_kept_region(name):
   np.testing.assert_array_equal(out[:, :2], IMAGE[:, :2])  # kept rows: the image's latents, exactly
 
 
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_edit_is_one_program_with_one_loop(name):
+  """img2img + inpainting: the model traced once inside ONE scan over the steps that run; new images, masks and
+  noise reuse the program."""
+  traces = {"model": 0, "outer": 0}
+
+  def model_fn(x, t):
+    traces["model"] += 1
+    return _model(name)(x, t)
+
+  def run(x, image, mask):
+    traces["outer"] += 1
+    return sample(name, model_fn, x, num_steps=6, key=jax.random.key(0), strength=0.5, known=Known(image, mask))
+
+  f = jax.jit(run)
+  args = (jnp.asarray(X_T), jnp.asarray(IMAGE), jnp.asarray(MASK))
+  a = np.asarray(f(*args))
+  b = np.asarray(f(args[0] + 1.0, -args[1], 1.0 - args[2]))
+  assert traces == {"model": 1, "outer": 1} and np.abs(a - b).max() > 1e-3
+  jaxpr = jax.make_jaxpr(run)(*args)
+  loops = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ("scan", "while")]
+  want = 6 if name == "lcm" else 3  # LCM runs all its steps on the cut grid; the others the last int(6 * 0.5)
+  assert len(loops) == 1 and loops[0].params.get("length") == want
+
+
 # ------------------------------------------------------------------ diffusers' img2img / inpainting loops
 
 def _nchw(a, dtype=torch.float64):
