@@ -61,6 +61,7 @@ setup(
     entry_points={
         "console_scripts": [
             "pixart-demo=pixart_jax.demo:run",
+            "pixart-demo-edit=pixart_jax.demo_edit:run",
             "pixart-prepare=pixart_jax.prepare:run",
             "pixart-train=pixart_jax.train.__main__:run",
             "pixart-sample=pixart_jax.sample:run",

@@ -66,6 +66,18 @@ CLI_ROWS = [
      "nope.txt: No such file or directory"),
     ("sample-prompts-is-dir", "pixart_jax.sample", ["--model", "{pipe}", "--prompts_file", "{tmp}"],
      "Is a directory"),
+    # --- sample: image-to-image / inpainting flags (refused before any model loads)
+    ("sample-strength-without-image", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--strength", "0.5"],
+     "--strength needs --init_image (the image to edit)"),
+    ("sample-mask-without-image", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--mask", "{tmp}/m.png"],
+     "--mask needs --init_image (the image to edit)"),
+    ("sample-strength-1.5", "pixart_jax.sample",
+     ["--model", "{pipe}", *PROMPT, "--init_image", "{tmp}/nope.png", "--strength", "1.5"],
+     "--strength must be a finite number > 0 and <= 1, got 1.5"),
+    ("sample-init-image-missing", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--init_image", "{tmp}/nope.png"],
+     "nope.png: FileNotFoundError"),
+    ("sample-init-image-not-an-image", "pixart_jax.sample",
+     ["--model", "{pipe}", *PROMPT, "--init_image", "{blank}"], "in no known image format"),
     # --- sample: models
     ("sample-model-empty-dir", "pixart_jax.sample", ["--model", "{empty}", *PROMPT],
      "holds neither a transformer config.json"),
