@@ -45,7 +45,7 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only write sweep.csv / s
 flags.mark_flags_as_required(["config", "workdir"])
 
 log = logging.getLogger(__name__)
-TRIAL_FILE = "sweep_trial.json"
+TRIAL_SUFFIX = ".trial.json"  # DIR/<trial>.trial.json: the sweep's record of a trial, beside the trainer's folder
 FINISHED = ("done", "diverged")  # a rerun skips these
 
 
@@ -71,9 +71,14 @@ def _write_json(path: epath.Path, doc: dict) -> None:
   tmp.replace(path)
 
 
+def trial_file(trial_dir: epath.Path) -> epath.Path:
+  """The sweep's status file of a trial: next to the trial's folder, which belongs to the trainer."""
+  return trial_dir.parent / f"{trial_dir.name}{TRIAL_SUFFIX}"
+
+
 def trial_status(trial_dir: epath.Path) -> str:
   """done | diverged (finished: a rerun skips it) | partial (started: a rerun resumes it) | not started."""
-  doc = _read_json(trial_dir / TRIAL_FILE)
+  doc = _read_json(trial_file(trial_dir))
   status = doc.get("status") if isinstance(doc, dict) else None
   if status in FINISHED:
     return status
@@ -120,8 +125,7 @@ def run_sweep(base, trials: Sequence[sweeps.Trial], workdir, *, config: str, sel
                ", ".join(f"{k}={v!r}" for k, v in t.overrides.items()) or "base config")
       doc = {"index": t.index, "name": t.name, "overrides": t.overrides}
       if primary:
-        where.mkdir(parents=True, exist_ok=True)
-        _write_json(where / TRIAL_FILE, dict(doc, status="running"))
+        _write_json(trial_file(where), dict(doc, status="running"))
       status[t.name] = "partial"
       try:
         result = train_fn(configs[t.name], str(where))
@@ -129,7 +133,7 @@ def run_sweep(base, trials: Sequence[sweeps.Trial], workdir, *, config: str, sel
         log.warning("trial %d %s diverged: %s", t.index, t.name, e)
         status[t.name] = "diverged"
         if primary:
-          _write_json(where / TRIAL_FILE, dict(doc, status="diverged", error=str(e)))
+          _write_json(trial_file(where), dict(doc, status="diverged", error=str(e)))
         continue
       if result.preempted:
         log.warning("trial %d %s stopped at step %d (preemption / SIGTERM): rerun the sweep to resume", t.index,
@@ -137,7 +141,7 @@ def run_sweep(base, trials: Sequence[sweeps.Trial], workdir, *, config: str, sel
         break
       status[t.name] = "done"
       if primary:
-        _write_json(where / TRIAL_FILE, dict(doc, status="done", step=int(result.step)))
+        _write_json(trial_file(where), dict(doc, status="done", step=int(result.step)))
   finally:
     if primary:
       write_report(root, trials, status, title=config)

@@ -156,7 +156,7 @@ def test_smoke_sweep_interrupted_after_two_trials_reruns_only_the_rest(trained_d
   lines = [json.loads(x) for x in (work / names[2] / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in lines] == list(range(1, 13))
   for t in trials:
-    assert json.loads((work / t.name / "sweep_trial.json").read_text())["status"] == "done"
+    assert json.loads(sweep.trial_file(work / t.name).read_text())["status"] == "done"
     assert [r["step"] for r in read_curve(work / t.name / "metrics.jsonl")] == list(range(1, 13))
 
   rows = _csv(work)
