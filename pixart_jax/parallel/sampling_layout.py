@@ -45,9 +45,11 @@ class SamplingLayout:
 
 
 def sequence_shards(mesh_shape: Mapping[str, int], batch: int, grid: tuple[int, int], kv_ratios: Sequence[int],
-                    *, min_tokens: int = SP_MIN_TOKENS) -> int:
+                    *, min_tokens: int | None = None) -> int:
   """The number of sequence shards for `batch` images of an (h, w) token grid on a mesh of `mesh_shape`
-  ({axis: size}), whose layers compress K/V by `kv_ratios` (1 = none). See the module docstring."""
+  ({axis: size}), whose layers compress K/V by `kv_ratios` (1 = none); min_tokens: default `SP_MIN_TOKENS`.
+  See the module docstring."""
+  min_tokens = SP_MIN_TOKENS if min_tokens is None else min_tokens
   given = int(mesh_shape.get(context.SEQUENCE_AXIS, 1))
   if given > 1:
     return given
