@@ -259,14 +259,14 @@ class Pipeline:
     if latents.shape != (b, *lat_shape):
       raise ValueError(f"latents must have shape {(b, *lat_shape)} (NHWC at the {sh}x{sw} sample size), "
                        f"got {latents.shape}")
+    layout = self.layout(b, sh, sw, sequence_shards=sequence_shards, vae_tile_latent=vae_tile_latent)
     use_cfg = guidance_scale > 1.0
     cond_emb, cond_mask = self.encode(prompts, text_preprocessing)
     if use_cfg:
       un_emb, un_mask = self.encode(negs, text_preprocessing)
     t_enc = time.perf_counter()
 
-    layout = self.layout(b, sh, sw, sequence_shards=sequence_shards, vae_tile_latent=vae_tile_latent)
-    sp = layout.sequence > 1
+    sp = layout.sequence_parallel
     if sp and self._sp_graph is None:
       self._sp_graph = with_sequence_parallel(self._dit_graph, self._dit_state)
     mesh, dit_state = self._placement(layout.sequence)

@@ -48,6 +48,11 @@ def test_vae_tiling_rule_and_overrides():
   assert sl.choose(mesh, 1, (256, 256), KV, 4096, 4096) == sl.SamplingLayout(8, 128, 32)
   assert sl.choose(mesh, 1, (256, 256), KV, 4096, 4096, sequence=1).sequence == 1
   assert sl.choose(None, 1, (256, 256), KV, 4096, 4096).sequence == 1
+  given = make_mesh([("data", 4), ("sequence", 2)])  # a given sequence axis: used; SP attention iff the grid fits
+  assert sl.choose(given, 1, (256, 256), KV, 4096, 4096) == sl.SamplingLayout(2, 128, 32, True)
+  assert sl.choose(given, 1, (66, 66), KV, 528, 528) == sl.SamplingLayout(2, None, 0, False)
+  other = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))  # not make_mesh's axes: used as given
+  assert sl.choose(other, 1, (256, 256), KV, 4096, 4096).sequence == 1
   with pytest.raises(ValueError, match="sequence_shards=3 does not fit the mesh"):
     sl.choose(mesh, 1, (256, 256), KV, 4096, 4096, sequence=3)
   with pytest.raises(ValueError, match="multiple of 8"):

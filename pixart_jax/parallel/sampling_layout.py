@@ -14,7 +14,8 @@ The rule (the `Pipeline` applies it to every call; `plan --what sample` can appl
     replicated over them), the smallest s on ties (fewer all-gathers). s = 1 (no sequence parallelism) when B
     already uses every `data` device, when the image has fewer than `SP_MIN_TOKENS` tokens (communication would
     cost more than it saves), or when no divisor fits the grid. A mesh that already has a `sequence` axis
-    larger than 1 is used as given. `fsdp` and `tensor` are never changed (they hold the parameters).
+    larger than 1 is used as given, and so is a mesh whose axes are not `parallel.mesh.MESH_AXES`. `fsdp` and
+    `tensor` are never changed (they hold the parameters).
   * VAE tiling: the decode runs in overlapping `VAE_TILE_LATENT` latent tiles (overlap a quarter of a tile) when
     the sampled image is larger than `VAE_TILE_ABOVE_PX` pixels on a side (an untiled SDXL decoder at 4096 x 4096
     holds tens of GiB of activations); below that it is one jitted program.
@@ -38,10 +39,17 @@ VAE_TILE_LATENT = 128  # 1024 px tiles for the SDXL VAE (factor 8)
 @dataclasses.dataclass(frozen=True)
 class SamplingLayout:
   """sequence: sequence shards per image (1: none). vae_tile_latent: latent tile side of the decode (None:
-  untiled); overlap_latent: its overlap."""
+  untiled); overlap_latent: its overlap. sequence_parallel: self-attention runs sequence parallel
+  (`parallel.context`; False when a given `sequence` axis does not fit the grid: the compiler's partitioner
+  then splits the tokens as it can)."""
   sequence: int = 1
   vae_tile_latent: int | None = None
   overlap_latent: int = 0
+  sequence_parallel: bool | None = None
+
+  def __post_init__(self):
+    if self.sequence_parallel is None:
+      object.__setattr__(self, "sequence_parallel", self.sequence > 1)
 
 
 def sequence_shards(mesh_shape: Mapping[str, int], batch: int, grid: tuple[int, int], kv_ratios: Sequence[int],
@@ -90,8 +98,10 @@ def choose(mesh: Mesh | None, batch: int, grid: tuple[int, int], kv_ratios: Sequ
   the shard count (1: off; it must divide the mesh's `data` axis), `vae_tile_latent` the decode tile."""
   tile, overlap = vae_tiling(height, width, tile_latent=vae_tile_latent)
   shape = dict(mesh.shape) if mesh is not None else {}
-  if sequence is None:
-    s = sequence_shards(shape, batch, grid, kv_ratios) if mesh is not None else 1
+  if sequence is None:  # auto; a mesh not laid out as `make_mesh` does (other axis names) is used as given
+    recut = mesh is not None and tuple(mesh.axis_names) == MESH_AXES
+    given = mesh is not None and int(shape.get(context.SEQUENCE_AXIS, 1)) > 1
+    s = sequence_shards(shape, batch, grid, kv_ratios) if recut or given else 1
   else:
     s = int(sequence)
     given = int(shape.get(context.SEQUENCE_AXIS, 1))
@@ -101,7 +111,8 @@ def choose(mesh: Mesh | None, batch: int, grid: tuple[int, int], kv_ratios: Sequ
     if s > 1:
       for r in set(kv_ratios) or {1}:
         context.check_grid(grid, s, r)
-  return SamplingLayout(sequence=s, vae_tile_latent=tile, overlap_latent=overlap)
+  sp = s > 1 and _grid_fits(grid, s, kv_ratios)
+  return SamplingLayout(sequence=s, vae_tile_latent=tile, overlap_latent=overlap, sequence_parallel=sp)
 
 
 def sequence_mesh(mesh: Mesh, shards: int) -> Mesh:
