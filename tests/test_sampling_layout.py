@@ -90,6 +90,7 @@ def pipes(tiny_path):
   return one, eight
 
 
+@pytest.mark.slow
 def test_sequence_parallel_sampling_matches_one_device(pipes, monkeypatch):
   """Forced (two images on data 2 x sequence 4) and automatic (one image on 8 devices; the token threshold
   lowered to this 256 px image's 256 tokens) sequence parallelism give the single-device images; the DiT state
