@@ -9,8 +9,8 @@ not exist (a typo) is an error. Examples:
   python -m pixart_jax.train --config configs/pixart_sigma_1024_ms.py --workdir gs://b/run \
       --config.data.dir gs://b/data1024 --config.optimizer.lr=1e-5 --config.mesh="(('fsdp',-1),)"
 
-Multi-host: on a Cloud TPU VM (libtpu installed and TPU device files present) `jax.distributed.initialize()` runs automatically and finds the
-other workers of the slice; on GPU clusters or for local tests pass --coordinator_address, --num_processes and
+Multi-host: on a Cloud TPU VM (libtpu installed, TPU device files present) `jax.distributed.initialize()` runs
+automatically and finds the other workers of the slice; on GPU clusters or for local tests pass --coordinator_address, --num_processes and
 --process_id (CPU processes then use gloo collectives).
 XLA's persistent compilation cache (environment variable JAX_COMPILATION_CACHE_DIR) makes restarts compile faster.
 Exit status: 0 when done or stopped by SIGTERM / preemption after saving; 1 on a non-finite loss.
