@@ -258,7 +258,7 @@ def main() -> int:
   ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu.md"), help="markdown report to write")
   ap.add_argument("--remat", default="none,dots", help="remat policies of the train step, comma-separated")
   ap.add_argument("--train-batch", type=int, default=None, help="train batch (default: 4; dry: 2)")
-  ap.add_argument("--part-timeout", type=float, default=300, help="seconds per part before it is reported failed")
+  ap.add_argument("--part-timeout", type=float, default=360, help="seconds per part before it is reported failed")
   ap.add_argument("--weights", help=argparse.SUPPRESS)   # internal: a part's weights dir
   ap.add_argument("--result", help=argparse.SUPPRESS)    # internal: where a part writes its JSON
   ap.add_argument("--part", choices=["train", "sample", "hires"], help=argparse.SUPPRESS)
