@@ -240,7 +240,8 @@ class Pipeline:
                latents: np.ndarray | jax.Array | None = None, use_resolution_binning: bool = True,
                guidance_mode: str = "diffusers", text_preprocessing: str = "lower",
                vae_tile_latent: int | None = None, output: str = "uint8", timings: dict | None = None,
-               image=None, strength: float = 1.0, mask=None, paste_back: bool = False, sequence_shards: int | None = None):
+               image=None, strength: float = 1.0, mask=None, paste_back: bool = False,
+               sequence_shards: int | None = None):
     """Generates images; with `image`, image-to-image (`strength`) and inpainting (`mask`).
 
     prompts: one string or B strings; negative_prompt: one string or B strings.
