@@ -24,6 +24,44 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 
+def compare(ours, ref, prompts: list[str], lat, *, size: int, steps: int, guidance: float, runs: int,
+            torch_device: str = "cpu") -> dict:
+  """Our Pipeline `ours` vs diffusers' PixArtSigmaPipeline `ref` drawing `prompts` from the same initial latents
+  `lat` (B h w C numpy) at `size` px: the first call of each (JAX: trace + compile + run), `runs` later calls
+  (`common.Timing`), our encode / denoise / decode split (seconds, last call) and the max uint8 difference."""
+  import numpy as np
+  import torch
+
+  from common import time_fn
+
+  lat_t = torch.from_numpy(lat.transpose(0, 3, 1, 2).copy()).to(torch_device)
+  call_kw = dict(height=size, width=size, guidance_scale=guidance)
+  timings: dict = {}
+
+  def run_jax():
+    return ours(prompts, steps=steps, latents=lat, timings=timings, **call_kw)
+
+  def run_torch():
+    with torch.inference_mode():
+      out = ref(prompts, num_inference_steps=steps, latents=lat_t.clone().to(ref.transformer.dtype),
+                output_type="np", clean_caption=False, **call_kw).images
+    if torch_device != "cpu":
+      torch.cuda.synchronize()
+    return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+  t0 = time.perf_counter()
+  img_j = run_jax()
+  first_j = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  img_t = run_torch()
+  first_t = time.perf_counter() - t0
+  diff = int(np.abs(img_j.astype(int) - img_t.astype(int)).max())
+  tj = time_fn(run_jax, warmup=0, runs=runs)
+  split = dict(timings)
+  tt = time_fn(run_torch, warmup=0, runs=runs)
+  return {"first_jax": first_j, "first_torch": first_t, "jax": tj, "torch": tt, "split": split, "max_diff": diff}
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--size", type=int, default=256, help="square image side in pixels (256 or 512 bins)")
@@ -46,7 +84,7 @@ def main():
   from diffusers import PixArtSigmaPipeline
 
   import pixart_jax as pj
-  from common import fmt_table, gflops, machine_description, set_torch_threads, time_fn
+  from common import fmt_table, gflops, machine_description, set_torch_threads
   from pixart_jax.models.flops import sampling_flops
   from pixart_jax.testing import make_tiny_pipeline
 
@@ -69,29 +107,9 @@ def main():
         f"CFG {args.guidance}, fp32\n")
 
   lat = np.random.default_rng(0).standard_normal((args.batch, lat_side, lat_side, 4)).astype(np.float32)
-  lat_t = torch.from_numpy(lat.transpose(0, 3, 1, 2).copy())
-  call_kw = dict(height=args.size, width=args.size, guidance_scale=args.guidance)
-  timings: dict = {}
-
-  def run_jax():
-    return ours(prompts, steps=args.steps, latents=lat, timings=timings, **call_kw)
-
-  def run_torch():
-    with torch.inference_mode():
-      out = ref(prompts, num_inference_steps=args.steps, latents=lat_t.clone(), output_type="np",
-                clean_caption=False, **call_kw).images
-    return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
-
-  t0 = time.perf_counter()
-  img_j = run_jax()
-  first_j = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  img_t = run_torch()
-  first_t = time.perf_counter() - t0
-  diff = int(np.abs(img_j.astype(int) - img_t.astype(int)).max())
-  tj = time_fn(run_jax, warmup=0, runs=args.runs)
-  split = dict(timings)
-  tt = time_fn(run_torch, warmup=0, runs=args.runs)
+  res = compare(ours, ref, prompts, lat, size=args.size, steps=args.steps, guidance=args.guidance, runs=args.runs)
+  first_j, first_t, tj, tt, split, diff = (res[k] for k in ("first_jax", "first_torch", "jax", "torch", "split",
+                                                            "max_diff"))
   fl = sampling_flops(cfg, lat_side, lat_side, args.steps, batch=args.batch, guidance=args.guidance > 1)
 
   rows = [["JAX Pipeline", f"{first_j:.2f}", f"{tj.median:.2f}", f"{gflops(fl, split['denoise']):.1f}",

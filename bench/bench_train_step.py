@@ -66,6 +66,72 @@ def torch_iddpm_loss(torch, out, x0, x_t, t, noise, acp, betas, mse_only: bool):
   return mse + torch.where(t == 0, nll, kl)
 
 
+def optimizer_config():
+  """AdamW as the official base config (lr 1e-4, wd 0.03, eps 1e-10), clipping 1.0, no warmup."""
+  from pixart_jax.train import optimizers as opt
+  return opt.OptimizerConfig.from_dict(dict(name="adamw", lr=1e-4, betas=(0.9, 0.999), eps=1e-10,
+                                            weight_decay=0.03, clip=1.0, warmup=0, auto_lr="none"))
+
+
+class JaxTrainStep:
+  """The trainer's jitted step (`pixart_jax.train.step`) on one device for fixed arrays: AdamW
+  (`optimizer_config`), EMA off, no caption dropout, the state donated; AOT compiled once (`compile_s`),
+  `start(params)` makes a fresh optimizer state, `__call__()` runs one step and blocks on its metrics.
+
+  arrays: latents (B h w C), caption (B S Dc), mask (B S) numpy; learn_sigma: the IDDPM loss (mse + vb) or eps-MSE.
+  """
+
+  def __init__(self, graphdef, arrays: dict, *, learn_sigma: bool, device=None):
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from pixart_jax.parallel.mesh import make_mesh
+    from pixart_jax.train import optimizers as opt, step as stp
+
+    b = arrays["latents"].shape[0]
+    s, dc = arrays["caption"].shape[1:]
+    self.tx, lr_fn = opt.make_optimizer(optimizer_config(), b)
+    self.mesh = make_mesh([("data", -1)], devices=[device or jax.local_devices()[0]])
+    self.rep = NamedSharding(self.mesh, P())
+    self.batch = jax.device_put(arrays, self.rep)
+    self.null = jax.device_put(np.zeros((s, dc), np.float32), self.rep)
+    step_cfg = stp.StepConfig(class_dropout_prob=0.0, ema_rate=None, learn_sigma=learn_sigma)
+    self.fn = stp.make_train_step(graphdef=graphdef, tx=self.tx, lr_schedule=lr_fn, cfg=step_cfg)
+    self.compiled, self.compile_s, self.state = None, 0.0, None
+
+  def start(self, params) -> None:
+    """A fresh train state from `params` (an nnx Param state), placed on the device; compiles on first use."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from pixart_jax.train import state as st
+    from pixart_jax.train import step as stp
+
+    state = st.state_from_params(params, jnp.asarray(jax.random.PRNGKey(0)), tx=self.tx, ema=False)
+    shardings = st.shardings_of(jax.eval_shape(lambda: state), self.mesh)
+    self.state = jax.device_put(state, shardings)
+    del state
+    if self.compiled is None:
+      with jax.set_mesh(self.mesh):
+        c0 = time.perf_counter()
+        self.compiled = stp.jit_train_step(self.fn, shardings, {k: self.rep for k in self.batch}, self.mesh).lower(
+            self.state, self.batch, self.null, ()).compile()
+        self.compile_s = time.perf_counter() - c0
+
+  def __call__(self) -> dict:
+    import jax
+
+    with jax.set_mesh(self.mesh):
+      self.state, m = self.compiled(self.state, self.batch, self.null, ())
+      return jax.block_until_ready(m)
+
+  def stop(self) -> None:
+    self.state = None
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--size", type=int, default=256, help="square image size in pixels (latent = size / 8)")
@@ -89,14 +155,11 @@ def main():
   import torch
   from diffusers import PixArtTransformer2DModel
   from flax import nnx
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
   from common import fmt_table, gflops, machine_description, measured_matmul_peak, set_torch_threads, time_fn
   from pixart_jax.convert.dit import load_transformer
   from pixart_jax.diffusion.losses import iddpm_loss
   from pixart_jax.diffusion.schedule import DiffusionSchedule
-  from pixart_jax.parallel.mesh import make_mesh
-  from pixart_jax.train import optimizers as opt, state as st, step as stp
   from pixart_jax.train.flops import train_step_flops
 
   jax.config.update("jax_default_matmul_precision", args.precision)
@@ -162,38 +225,18 @@ def main():
   gc.collect()
 
   # ---- the two steps, alternating rounds (both see the same machine load) --------------------------------
-  ocfg = opt.OptimizerConfig.from_dict(dict(name="adamw", lr=1e-4, betas=(0.9, 0.999), eps=1e-10,
-                                            weight_decay=0.03, clip=1.0, warmup=0, auto_lr="none"))
-  tx, lr_fn = opt.make_optimizer(ocfg, b)
-  mesh = make_mesh([("data", -1)], devices=jax.local_devices()[:1])
-  rep = NamedSharding(mesh, P())
-  batch = jax.device_put({"latents": latents, "caption": caption, "mask": mask}, rep)
-  null = jax.device_put(np.zeros((s, 4096), np.float32), rep)
-  step_cfg = stp.StepConfig(class_dropout_prob=0.0, ema_rate=None, learn_sigma=not mse_only)
-  fn = stp.make_train_step(graphdef=graphdef, tx=tx, lr_schedule=lr_fn, cfg=step_cfg)
+  step = JaxTrainStep(graphdef, {"latents": latents, "caption": caption, "mask": mask}, learn_sigma=not mse_only)
   x0 = to_nchw(latents)
-  compiled, compile_s, times = None, 0.0, {"jax": [], "torch": []}
+  times = {"jax": [], "torch": []}
 
   for r in range(args.rounds):
     _, params = nnx.split(load_transformer(weights.name, dtype=jnp.float32, remat=args.remat), nnx.Param)
-    state = st.state_from_params(params, jnp.asarray(jax.random.PRNGKey(0)), tx=tx, ema=False)
-    shardings = st.shardings_of(jax.eval_shape(lambda: state), mesh)
-    holder = {"state": jax.device_put(state, shardings)}
-    del params, state
-    with jax.set_mesh(mesh):
-      if compiled is None:
-        c0 = time.perf_counter()
-        compiled = stp.jit_train_step(fn, shardings, {k: rep for k in batch}, mesh).lower(
-            holder["state"], batch, null, ()).compile()
-        compile_s = time.perf_counter() - c0
-
-      def jax_step():
-        holder["state"], m = compiled(holder["state"], batch, null, ())
-        jax.block_until_ready(m)
-
-      tj = time_fn(jax_step, warmup=args.warmup, runs=args.runs)
+    step.start(params)
+    del params
+    tj = time_fn(step, warmup=args.warmup, runs=args.runs)
+    compile_s = step.compile_s
+    step.stop()
     times["jax"].append(tj)
-    del holder
     gc.collect()
     print(f"round {r + 1}: JAX step {tj.fmt()}" + (f" (compile {compile_s:.1f} s)" if r == 0 else ""), flush=True)
     if args.no_torch:

@@ -20,6 +20,7 @@ PyTorch reference in the same run where one exists (ratios > 1 mean JAX is faste
 | Blockwise attention (default on CPU / fp32 GPU), 16K / 64K tokens (issue 14) | 0.80-0.85x / 0.90-0.94x of torch SDPA (target 1.0x not met); fwd+bwd temporaries of an XL/2-width layer at 64K: 0.32 GiB (xla: 769 GiB) |
 | T5 encode / VAE encode+decode (issue 3) | see the T5 and VAE sections |
 | Grain loader vs XL/2 consumption (issue 5) | see the data section |
+| GPU: XL/2 1024 px train MFU, sampling vs diffusers, 2K / 4K memory (issue 14) | not run yet (no GPU): `bench/gpu/run.sh` on one H100 / H200 (bench/gpu/README.md) |
 
 """
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import uuid
 from typing import Callable, Collection, Mapping
 
 from etils import epath
@@ -105,7 +106,7 @@ def claim_output(out, *, tool: str, overwrite: bool = False, resume: bool = Fals
   """Makes folder `out` the output of `tool` before anything is written there (module doc); returns its absolute
   path. `inputs` ({flag: path}) must not overlap it (`check_disjoint`). `write_marker=False` only checks (e.g.
   every process but the first of a multi-host run, or a check before loading anything). Every process may call
-  it: the marker is written atomically under a per-process temporary name. Remote folders (gs://) are handled
+  it: the marker is written atomically under a unique temporary name. Remote folders (gs://) are handled
   through `etils.epath`."""
   out = _as_path(out)
   if inputs:
@@ -128,7 +129,7 @@ def claim_output(out, *, tool: str, overwrite: bool = False, resume: bool = Fals
                             "replace it, or choose a new folder")
   if write_marker and not (out / MARKER).exists():
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f"{MARKER}.tmp{os.getpid()}"
+    tmp = out / f"{MARKER}.tmp{uuid.uuid4().hex}"  # unique across the processes of every host
     tmp.write_text(json.dumps({"format": FORMAT, "tool": tool}))
     tmp.replace(out / MARKER)
   return out

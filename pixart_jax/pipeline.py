@@ -21,6 +21,7 @@ batch it is generated in.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -37,11 +38,13 @@ from pixart_jax.data import buckets
 from pixart_jax.diffusion import samplers
 from pixart_jax.diffusion.denoise import STATIC_ARGNAMES, denoise
 from pixart_jax.images import to_uint8
+from pixart_jax.models.attention import SelfAttention
 from pixart_jax.models.attention_backends import AttentionOptions
 from pixart_jax.models.dit import PixArtSigma
 from pixart_jax.models.text_encoder import TextEncoder
 from pixart_jax.models.vae import AutoencoderKL
-from pixart_jax.parallel.sharding import LOGICAL_RULES, batch_sharding, shard_model
+from pixart_jax.parallel import sampling_layout
+from pixart_jax.parallel.sharding import LOGICAL_RULES, batch_sharding, shard_model, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +95,27 @@ def check_call_args(*, steps: int | None = None, guidance_scale: float = 4.5, se
   checks.positive("width (pixels)", width, allow_none=True)
 
 
+def with_sequence_parallel(graphdef: nnx.GraphDef, state) -> nnx.GraphDef:
+  """The DiT's graphdef with every self-attention set to shard tokens over the mesh's `sequence` axis
+  (`AttentionOptions.sequence_parallel`; parameters unchanged)."""
+  model = nnx.merge(graphdef, state)
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, SelfAttention):
+      node.opts = dataclasses.replace(node.opts, sequence_parallel=True)
+  model.attention = dataclasses.replace(model.attention, sequence_parallel=True)
+  return nnx.split(model)[0]
+
+
 class Pipeline:
-  """PixArt-Sigma text-to-image on one device or a mesh."""
+  """PixArt-Sigma text-to-image on one device or a mesh.
+
+  On a mesh, each call picks its layout from the mesh and the request (`parallel.sampling_layout`): the prompts
+  are split over the `data` axis as far as they divide, and the `data` devices the batch leaves idle become
+  sequence-parallel shards of each image (token grid rows; >= 4096 tokens, i.e. 1024 px, and a grid that keeps
+  KV-compression windows whole) instead of repeating the same work. A mesh with its own `sequence` axis is used
+  as given; `fsdp`/`tensor` never change. Samples larger than 2048 px on a side are decoded in overlapping
+  128-latent (1024 px) VAE tiles. `__call__(sequence_shards=..., vae_tile_latent=...)` overrides either choice.
+  """
 
   def __init__(self, text_encoder: TextEncoder, transformer: PixArtSigma, vae: AutoencoderKL, *,
                mesh: jax.sharding.Mesh | None = None, rules=LOGICAL_RULES):
@@ -113,7 +135,9 @@ class Pipeline:
     self.num_traces = 0  # how many times the denoising program was traced (compile-cache checks)
     self._dit_graph, self._dit_state = nnx.split(transformer)
     self._vae_graph, self._vae_state = nnx.split(vae)
-    self._denoise = jax.jit(self._denoise_traced, static_argnames=STATIC_ARGNAMES)
+    self._sp_graph = None  # the sequence-parallel graphdef, built on first use
+    self._placed: tuple | None = None  # (sequence shards, mesh, DiT state on it) of the last SP layout
+    self._denoise = jax.jit(self._denoise_traced, static_argnames=STATIC_ARGNAMES + ("sequence_parallel",))
     self._decode = jax.jit(self._decode_impl, static_argnames=("height", "width"))
     self._encode = jax.jit(self._encode_impl, static_argnames=("height", "width"))
 
@@ -145,9 +169,33 @@ class Pipeline:
     return cls(text, dit, vae, mesh=mesh, rules=rules)
 
   # -----------------------------------------------------------------------------------------------------------
-  def _denoise_traced(self, state, latents, cond, uncond, scale, key, **static):
+  def _denoise_traced(self, state, latents, cond, uncond, scale, key, *, sequence_parallel=False, **static):
     self.num_traces += 1
-    return denoise(self._dit_graph, state, latents, cond, uncond, scale, key, **static)
+    graph = self._sp_graph if sequence_parallel else self._dit_graph
+    return denoise(graph, state, latents, cond, uncond, scale, key, **static)
+
+  def layout(self, batch: int, sample_height: int, sample_width: int, *, sequence_shards: int | None = None,
+             vae_tile_latent: int | None = None) -> sampling_layout.SamplingLayout:
+    """How a request of `batch` images sampled at `sample_height` x `sample_width` px runs on this Pipeline's
+    mesh (the rule in the class docstring; `parallel.sampling_layout`)."""
+    cfg = self.transformer.cfg
+    unit = self.vae.config.downsample_factor * cfg.patch_size
+    ratios = [cfg.kv_ratio(i) for i in range(cfg.depth)]
+    return sampling_layout.choose(self.mesh, batch, (sample_height // unit, sample_width // unit), ratios,
+                                  sample_height, sample_width, sequence=sequence_shards,
+                                  vae_tile_latent=vae_tile_latent)
+
+  def _placement(self, shards: int) -> tuple[jax.sharding.Mesh | None, object]:
+    """(mesh, DiT state) for `shards` sequence shards: the Pipeline's own, or its mesh re-cut with the DiT state
+    moved onto it (kept for the next call with the same layout)."""
+    if self.mesh is None or shards == 1 or int(self.mesh.shape.get("sequence", 1)) == shards:
+      return self.mesh, self._dit_state
+    if self._placed is None or self._placed[0] != shards:
+      self._placed = None  # drop the previous copy first
+      mesh = sampling_layout.sequence_mesh(self.mesh, shards)
+      state = jax.device_put(self._dit_state, state_shardings(self._dit_state, mesh, self.rules))
+      self._placed = (shards, mesh, state)
+    return self._placed[1], self._placed[2]
 
   def _decode_impl(self, state, z, *, height, width):
     vae = nnx.merge(self._vae_graph, state)
@@ -192,12 +240,14 @@ class Pipeline:
                latents: np.ndarray | jax.Array | None = None, use_resolution_binning: bool = True,
                guidance_mode: str = "diffusers", text_preprocessing: str = "lower",
                vae_tile_latent: int | None = None, output: str = "uint8", timings: dict | None = None,
-               image=None, strength: float = 1.0, mask=None, paste_back: bool = False):
+               image=None, strength: float = 1.0, mask=None, paste_back: bool = False,
+               sequence_shards: int | None = None):
     """Generates images; with `image`, image-to-image (`strength`) and inpainting (`mask`).
 
     prompts: one string or B strings; negative_prompt: one string or B strings.
     latents: explicit initial noise (B, h, w, C) NHWC at the SAMPLE (binned) latent size; else from `seed`.
     vae_tile_latent: decode in overlapping tiles of this latent size (auto: tiles of 128 above 2048 px).
+    sequence_shards: sequence-parallel shards per image (None: auto, see the class docstring; 1: off).
     output: "uint8" -> numpy (B, H, W, 3) uint8; "float" -> jax (B, H, W, 3) in [-1, 1].
     timings: if a dict is given, it receives seconds for encode / denoise / decode.
     image: (H W 3) / (B H W 3) uint8 or [-1, 1] float, or a PIL image: the image to edit (one for all prompts or
@@ -252,6 +302,7 @@ class Pipeline:
     if latents.shape != (b, *lat_shape):
       raise ValueError(f"latents must have shape {(b, *lat_shape)} (NHWC at the {sh}x{sw} sample size), "
                        f"got {latents.shape}")
+    layout = self.layout(b, sh, sw, sequence_shards=sequence_shards, vae_tile_latent=vae_tile_latent)
     use_cfg = guidance_scale > 1.0
     cond_emb, cond_mask = self.encode(prompts, text_preprocessing)
     if use_cfg:
@@ -264,22 +315,27 @@ class Pipeline:
         edit["mask"] = latent_mask((sample_mask >= 0.5).astype(jnp.float32), f)
     t_enc = time.perf_counter()
 
+    sp = layout.sequence_parallel
+    if sp and self._sp_graph is None:
+      self._sp_graph = with_sequence_parallel(self._dit_graph, self._dit_state)
+    mesh, dit_state = self._placement(layout.sequence)
     args = (latents, (cond_emb, cond_mask), (un_emb, un_mask) if use_cfg else None, edit)
-    if self.mesh is not None:  # every batch array over the batch axes (replicated where the batch does not split)
-      args = jax.device_put(args, batch_sharding(self.mesh, self.rules, (b,)))
-    ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+    if mesh is not None:  # every batch array over the batch axes (replicated where the batch does not split)
+      args = jax.device_put(args, batch_sharding(mesh, self.rules, (b,)))
+    ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     with ctx:
-      x0 = self._denoise(self._dit_state, *args[:3], jnp.float32(guidance_scale), jax.random.key(seed),
-                         sampler=sampler, steps=steps, mode=guidance_mode, strength=strength, **args[3])
+      x0 = self._denoise(dit_state, *args[:3], jnp.float32(guidance_scale), jax.random.key(seed),
+                         sampler=sampler, steps=steps, mode=guidance_mode, strength=strength, sequence_parallel=sp,
+                         **args[3])
       x0 = jax.block_until_ready(x0)
       t_den = time.perf_counter()
-      tile = vae_tile_latent or (128 if max(sh, sw) > 2048 else None)
-      if tile is None:
+      if layout.vae_tile_latent is None:
         images = self._decode(self._vae_state, x0, height=oh, width=ow)
       else:
         from pixart_jax.models.vae_tiling import decode_tiled
 
-        img = decode_tiled(self.vae, self.vae.unscale_latent(x0), tile_latent=tile, overlap_latent=tile // 4)
+        img = decode_tiled(self.vae, self.vae.unscale_latent(x0), tile_latent=layout.vae_tile_latent,
+                           overlap_latent=layout.overlap_latent)
         images = resize_cover_crop(img.astype(jnp.float32), oh, ow)
       if paste_back and pixel_mask is not None:
         images = jnp.where(jnp.asarray(pixel_mask) >= 0.5, images, jnp.asarray(pixels))

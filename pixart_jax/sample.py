@@ -8,6 +8,15 @@
 
 Each PNG carries the prompt, seed and settings in its metadata (tEXt chunks); several images also give a
 contact sheet. Progress shows the stages (encode, compile, sample, decode) of every batch.
+
+Devices: `--mesh` is the mesh of each host's local devices (default `data=-1`: data parallel over all of them;
+e.g. `data=4,sequence=2` or `fsdp=8`); the Pipeline turns data devices a small batch leaves idle into
+sequence-parallel shards of each image (pixart_jax.pipeline.Pipeline). Several hosts (a TPU pod slice joins
+automatically; elsewhere pass --coordinator_address, --num_processes and --process_id to every process) split
+the run by batches: batch k (images k*B .. k*B+B-1, B = --batch_size) is sampled by host k mod (number of hosts)
+and written by it, so every device of every host works, file names (the image's index in the run) stay unique
+and ordered, and each image is the one a single host would draw. The contact sheet is written by single-host
+runs only.
 """
 from __future__ import annotations
 
@@ -37,7 +46,15 @@ flags.DEFINE_float("guidance", 4.5, "Classifier-free guidance scale (<= 1 disabl
 flags.DEFINE_enum("guidance_mode", "diffusers", ["diffusers", "official"], "Mask of the unconditional branch: its "
                   "own (diffusers) or the prompt's (official PixArt).")
 flags.DEFINE_integer("seed", 0, "Seed; image i of the run uses seed + i // batch_size and its batch position.")
-flags.DEFINE_integer("batch_size", 4, "Prompts per jitted call.")
+flags.DEFINE_integer("batch_size", None, "Prompts per jitted call (default: 4 rounded up to a multiple of the "
+                     "mesh's batch shards).")
+flags.DEFINE_string("mesh", "data=-1", "Mesh of each host's local devices: AXIS=SIZE,... over data, fsdp, tensor, "
+                    "sequence; one size may be -1 (the remaining devices). Default: data parallel over all of them.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs off a TPU VM).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs off a TPU VM).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs off a TPU VM).")
+flags.DEFINE_enum("cpu_collectives", "gloo", ["gloo", "mpi", "none"],
+                  "Cross-process collectives on the CPU backend (multi-process CPU runs).")
 flags.DEFINE_integer("images_per_prompt", 1, "Images per prompt (different seeds).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "DiT and T5 compute dtype.")
 flags.DEFINE_string("out", "samples", "Output directory.")
@@ -92,7 +109,7 @@ def _check_flags() -> None:
   """Every numeric flag, before any model loads (Pipeline.__call__ checks the same values by the same rules)."""
   from pixart_jax import checks
 
-  checks.positive("--batch_size", FLAGS.batch_size)
+  checks.positive("--batch_size", FLAGS.batch_size, allow_none=True)
   checks.positive("--images_per_prompt", FLAGS.images_per_prompt)
   checks.positive("--steps", FLAGS.steps, allow_none=True)
   checks.finite("--guidance", FLAGS.guidance)
@@ -147,8 +164,33 @@ def _slug(text: str, n: int = 40) -> str:
   return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "empty"
 
 
+def host_batches(num_images: int, batch_size: int, process_index: int, process_count: int) -> list[int]:
+  """Start indices of the batches host `process_index` of `process_count` samples: batch k starts at
+  k * batch_size and belongs to host k mod process_count."""
+  return [k * batch_size for k in range(-(-num_images // batch_size)) if k % process_count == process_index]
+
+
+def default_batch_size(mesh) -> int:
+  """4 rounded up to a multiple of the mesh's batch shards (every data-parallel device gets whole prompts)."""
+  from pixart_jax.parallel.sharding import LOGICAL_RULES, batch_shards
+
+  n = batch_shards(mesh, LOGICAL_RULES)
+  return -(-4 // n) * n
+
+
 def main(argv):
   del argv
+  from pixart_jax.parallel import distributed
+  from pixart_jax.parallel.mesh import make_mesh, parse_mesh
+
+  _check_flags()  # every user error before joining other processes or loading anything
+  prompts = _prompts()
+  height, width = _size()
+  edit = _edit_args()
+  mesh_spec = parse_mesh(FLAGS.mesh)
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         cpu_collectives=FLAGS.cpu_collectives)
+  import jax
   import jax.numpy as jnp
   import numpy as np
   from tqdm import tqdm
@@ -156,30 +198,38 @@ def main(argv):
   import pixart_jax as pj
   from pixart_jax import checks
   from pixart_jax.images import contact_sheet, save_png
+  from pixart_jax.outputs import claim_output
 
   logging.getLogger().setLevel(logging.INFO)
   if FLAGS.compilation_cache_dir:
     pj.enable_compilation_cache(FLAGS.compilation_cache_dir)
-  _check_flags()
-  prompts = _prompts()
-  height, width = _size()
-  edit = _edit_args()
-  last_seed = FLAGS.seed + (len(prompts) - 1) // FLAGS.batch_size
+  try:
+    mesh = make_mesh(mesh_spec, devices=jax.local_devices())
+  except ValueError as e:
+    raise ValueError(f"--mesh {FLAGS.mesh}: {e} (this host has {jax.local_device_count()} devices)") from None
+  batch_size = FLAGS.batch_size or default_batch_size(mesh)
+  last_seed = FLAGS.seed + (len(prompts) - 1) // batch_size
   checks.seed("--seed + the number of batches - 1 (the last batch's seed)", last_seed)
+  host, hosts = jax.process_index(), jax.process_count()
+  starts = host_batches(len(prompts), batch_size, host, hosts)
+  logging.info("host %d of %d: %d of %d batches of %d on mesh %s", host, hosts, len(starts),
+               -(-len(prompts) // batch_size), batch_size, dict(mesh.shape))
   dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+  # sample's own folder (a rerun adds to it, replacing its own same-named images); others refused before loading
+  out = claim_output(FLAGS.out, tool="sample", resume=True)
   t0 = time.perf_counter()
-  pipe = pj.Pipeline.from_pretrained(FLAGS.model, transformer=FLAGS.transformer, dtype=dtype, progress=True)
+  pipe = pj.Pipeline.from_pretrained(FLAGS.model, transformer=FLAGS.transformer, dtype=dtype, mesh=mesh,
+                                     progress=True)
   logging.info("loaded models in %.1fs", time.perf_counter() - t0)
-  out = pathlib.Path(FLAGS.out)
-  out.mkdir(parents=True, exist_ok=True)
+  digits = max(4, len(str(len(prompts) - 1)))
   all_images, written = [], []
-  with tqdm(total=len(prompts), unit="img", desc="sampling") as bar:  # closed (newline) on errors too
-    for start in range(0, len(prompts), FLAGS.batch_size):
-      batch = prompts[start:start + FLAGS.batch_size]
-      seed = FLAGS.seed + start // FLAGS.batch_size
+  with tqdm(total=sum(len(prompts[s:s + batch_size]) for s in starts), unit="img", desc="sampling") as bar:
+    for start in starts:  # the bar is closed (newline) on errors too
+      batch = prompts[start:start + batch_size]
+      seed = FLAGS.seed + start // batch_size
       first = pipe.num_traces
       timings: dict = {}
-      bar.set_description(f"batch {start // FLAGS.batch_size}: encode+sample")
+      bar.set_description(f"batch {start // batch_size}: encode+sample")
       images = pipe(batch, negative_prompt=FLAGS.negative, height=height, width=width, steps=FLAGS.steps,
                     guidance_scale=FLAGS.guidance, sampler=FLAGS.sampler, seed=seed,
                     guidance_mode=FLAGS.guidance_mode, use_resolution_binning=not FLAGS.no_binning, timings=timings,
@@ -194,12 +244,12 @@ def main(argv):
                 "model": FLAGS.model, "transformer": FLAGS.transformer or "", "software": "pixart_jax"}
         if edit:
           meta.update(init_image=FLAGS.init_image, strength=edit["strength"], mask=FLAGS.mask or "")
-        path = out / f"{start + i:04d}_{_slug(prompt)}.png"
+        path = out / f"{start + i:0{digits}d}_{_slug(prompt)}.png"
         save_png(img, path, meta)
         written.append(path)
       all_images.extend(images)
       bar.update(len(batch))
-  if len(all_images) > 1 and len({im.shape for im in all_images}) == 1:
+  if hosts == 1 and len(all_images) > 1 and len({im.shape for im in all_images}) == 1:
     contact_sheet(np.stack(all_images)).save(out / "contact_sheet.png")
   logging.info("wrote %d images to %s", len(written), out)
 

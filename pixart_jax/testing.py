@@ -16,12 +16,16 @@ CAPTIONS = [
 
 
 def make_tiny_pipeline(out_dir: str | os.PathLike, *, seed: int = 0, sample_size: int = 32, layers: int = 2,
-                       heads: int = 2, head_dim: int = 8, t5_dim: int = 32, vocab_size: int = 96) -> pathlib.Path:
+                       heads: int = 2, head_dim: int = 8, t5_dim: int = 32, vocab_size: int = 96,
+                       vae_channels: tuple[int, ...] = (8, 8, 16, 16), vae_layers: int = 1,
+                       vae_groups: int = 4) -> pathlib.Path:
   """Writes a diffusers PixArtSigmaPipeline with random weights to `out_dir` (save_pretrained); returns the path.
 
   T5: 2 layers, d_model `t5_dim`, with a SentencePiece tokenizer trained on CAPTIONS in the real T5 format.
-  VAE: 4 levels (factor 8, like SDXL) with narrow channels. DiT: `layers` blocks, `sample_size` latent
-  (32 -> the 256 px bin table). Scheduler: DPMSolverMultistepScheduler as configured for PixArt-Sigma.
+  VAE: 4 levels (factor 8, like SDXL) with narrow channels (`vae_channels`, `vae_layers` resnets per block,
+  `vae_groups` GroupNorm groups; (128, 256, 512, 512), 2, 32 is the SDXL VAE). DiT: `layers` blocks,
+  `sample_size` latent (32 -> the 256 px bin table). Scheduler: DPMSolverMultistepScheduler as configured for
+  PixArt-Sigma.
   """
   import torch
   from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
@@ -38,9 +42,9 @@ def make_tiny_pipeline(out_dir: str | os.PathLike, *, seed: int = 0, sample_size
       vocab_size=max(vocab_size, len(tokenizer)), d_model=t5_dim, d_ff=2 * t5_dim, d_kv=8, num_heads=4,
       num_layers=2, feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
       relative_attention_max_distance=16, dropout_rate=0.0, layer_norm_epsilon=1e-6)).eval()
-  vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+  vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(vae_channels),
                       down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                      layers_per_block=1, norm_num_groups=4, sample_size=sample_size * 8,
+                      layers_per_block=vae_layers, norm_num_groups=vae_groups, sample_size=sample_size * 8,
                       scaling_factor=0.13025).eval()
   transformer = PixArtTransformer2DModel(
       num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8, num_layers=layers,

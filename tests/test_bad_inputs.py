@@ -31,6 +31,8 @@ def _train_row(name: str, override: str, message: str) -> tuple:
 
 CLI_ROWS = [
     # --- sample: flags (refused before any model loads)
+    ("sample-foreign-out", "pixart_jax.sample", ["--model", "{pipe}", "--prompt", "a cat", "--out", "{pipe}"],
+     "entries sample did not write"),
     ("sample-steps-0", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--steps", "0"],
      "--steps must be a positive integer (>= 1), got 0"),
     ("sample-steps-negative", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--steps=-3"],
@@ -58,6 +60,14 @@ CLI_ROWS = [
     ("sample-seed-2**32", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--seed", str(2**32)],
      "--seed must be an integer in [0, 2**32 - 1]"),
     ("sample-no-prompt", "pixart_jax.sample", ["--model", "{pipe}"], "no prompt: give --prompt"),
+    ("sample-mesh-too-big", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--mesh", "data=3"],
+     "--mesh data=3: mesh [('data', 3)] does not divide 8 devices (this host has 8 devices)"),
+    ("sample-mesh-axis", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--mesh", "rows=2"],
+     "--mesh 'rows=2': unknown mesh axes ['rows']"),
+    ("sample-mesh-garbage", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--mesh", "data"],
+     "--mesh 'data': bad entry 'data'; expected AXIS=SIZE"),
+    ("sample-processes-half", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--num_processes", "2"],
+     "--coordinator_address, --num_processes and --process_id go together"),
     ("sample-prompts-not-utf8", "pixart_jax.sample", ["--model", "{pipe}", "--prompts_file", "{latin1}"],
      "prompts_latin1.txt: not UTF-8 text (byte offset 12"),
     ("sample-prompts-blank", "pixart_jax.sample", ["--model", "{pipe}", "--prompts_file", "{blank}"],

@@ -1,6 +1,7 @@
 """Device meshes from a config: [(axis, size), ...] with at most one -1 filled from the device count."""
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import jax
@@ -30,6 +31,25 @@ def resolve_axis_sizes(spec: Sequence[tuple[str, int]], num_devices: int) -> lis
   out = [(n, num_devices // fixed if s == -1 else s) for n, s in spec]
   if int(np.prod([s for _, s in out])) != num_devices:
     raise ValueError(f"mesh {out} uses {int(np.prod([s for _, s in out]))} devices, {num_devices} available")
+  return out
+
+
+def parse_mesh(text: str, *, what: str = "--mesh") -> list[tuple[str, int]]:
+  """'data=4,sequence=2' -> [("data", 4), ("sequence", 2)] (one size may be -1: all the remaining devices);
+  ValueError naming `what` for anything else."""
+  out = []
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    m = re.fullmatch(r"(\w+)\s*=\s*(-?\d+)", part)
+    if not m:
+      raise ValueError(f"{what} {text!r}: bad entry {part!r}; expected AXIS=SIZE,... over {', '.join(MESH_AXES)}, "
+                       "e.g. data=-1 or data=4,sequence=2")
+    out.append((m.group(1), int(m.group(2))))
+  if not out:
+    raise ValueError(f"{what} is empty; e.g. data=-1 (data parallel over every device)")
+  try:
+    resolve_axis_sizes(out, 0 if any(s == -1 for _, s in out) else int(np.prod([s for _, s in out])))
+  except ValueError as e:
+    raise ValueError(f"{what} {text!r}: {e}") from None
   return out
 
 

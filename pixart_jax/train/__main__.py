@@ -9,15 +9,14 @@ not exist (a typo) is an error. Examples:
   python -m pixart_jax.train --config configs/pixart_sigma_1024_ms.py --workdir gs://b/run \
       --config.data.dir gs://b/data1024 --config.optimizer.lr=1e-5 --config.mesh="(('fsdp',-1),)"
 
-Multi-host: on a Cloud TPU VM (libtpu installed) `jax.distributed.initialize()` runs automatically and finds the
-other workers of the slice; on GPU clusters or for local tests pass --coordinator_address, --num_processes and
+Multi-host: on a Cloud TPU VM (libtpu installed, TPU device files present) `jax.distributed.initialize()` runs
+automatically and finds the other workers of the slice; on GPU clusters or for local tests pass --coordinator_address, --num_processes and
 --process_id (CPU processes then use gloo collectives).
 XLA's persistent compilation cache (environment variable JAX_COMPILATION_CACHE_DIR) makes restarts compile faster.
 Exit status: 0 when done or stopped by SIGTERM / preemption after saving; 1 on a non-finite loss.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 
@@ -35,27 +34,11 @@ _CPU_COLLECTIVES = flags.DEFINE_enum("cpu_collectives", "gloo", ["gloo", "mpi", 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _on_tpu_vm() -> bool:
-  """True where libtpu is installed (a Cloud TPU VM: `pip install jax[tpu]`)."""
-  return importlib.util.find_spec("libtpu") is not None
-
-
 def _init_distributed() -> None:
-  import jax
+  from pixart_jax.parallel import distributed
 
-  explicit = [_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value]
-  if any(v is not None for v in explicit):
-    if any(v is None for v in explicit):
-      raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
-    if _CPU_COLLECTIVES.value != "none":
-      jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-  elif _on_tpu_vm():
-    try:  # every worker of a pod slice runs this; JAX finds the others through the TPU metadata
-      jax.distributed.initialize()
-    except (RuntimeError, ValueError) as e:  # a single host without a cluster
-      logging.info("jax.distributed.initialize() not used: %s", e)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         cpu_collectives=_CPU_COLLECTIVES.value)
 
 
 def main(argv) -> int:
