@@ -173,8 +173,7 @@ def test_distillation_trains_the_student_and_its_ema_target(reference, teacher_d
   p = moved[0]
   assert not np.array_equal(np.asarray(ema[p]), np.asarray(student[p]))
   assert not np.array_equal(np.asarray(ema[p]), np.asarray(teacher[p]))
-  # The checkpoint holds the student and the EMA, not the teacher (frozen input).
-  assert "LCM" in (reference["full"] / "config.json").read_text() or True
+
 
 
 @pytest.mark.slow

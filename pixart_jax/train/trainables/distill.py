@@ -118,7 +118,10 @@ class LcmObjective:
 
 def _copy(tree: Any, shardings: Any) -> Any:
   """A copy of `tree` in new buffers (the student must never alias the teacher: the step donates the state)."""
-  return jax.tree.map(lambda x, s: jax.device_put(x, s, may_alias=False), tree, shardings)
+  def one(s, v):
+    return v.replace(jax.device_put(v.get_value(), s, may_alias=False))
+
+  return jax.tree.map(one, shardings, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 class DistillTrainable(Trainable):
