@@ -259,3 +259,30 @@ def test_distillation_needs_a_teacher(tmp_path):
   c.distill.enabled = True
   with pytest.raises(ValueError, match="needs config.init_from"):
     loop.train_and_evaluate(c, str(tmp_path / "run"))
+
+
+def test_lcm_1024_recipe_is_a_runnable_document():
+  """configs/distill/lcm_1024.py: run commands in its docstring; full, LCM-LoRA and smoke configs pass the checks
+  and select the distillation kind (LCM-LoRA: adapters on the official target modules)."""
+  import importlib.util
+
+  from pixart_jax.train import trainables
+  from pixart_jax.train.trainables.distill import DistillTrainable
+
+  path = pathlib.Path(__file__).parents[1] / "configs" / "distill" / "lcm_1024.py"
+  spec = importlib.util.spec_from_file_location("lcm_1024", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for cmd in ("python -m pixart_jax.train --config configs/distill/lcm_1024.py ",
+              "--config configs/distill/lcm_1024.py:lora", "python -m pixart_jax.plan --config configs/distill/lcm_1024.py"):
+    assert cmd in module.__doc__
+  for arg in (None, "lora", "smoke"):
+    c = module.get_config(arg)
+    check_config(c)
+    if arg == "smoke":
+      assert c.model.preset == "tiny" and c.distill.enabled
+      continue
+    kind = trainables.select(c, loop.model_spec(c.model))
+    assert isinstance(kind, DistillTrainable) and kind.lcm.guidance == 5.5
+    assert c.init_from == "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
+    assert (kind.inner is not None) == (arg == "lora") and (c.ema.rate == (None if arg == "lora" else 0.95))
