@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 GUIDANCE = 4.5  # the demo teacher's guidance scale (demo --guidance), baked into the student
-STEPS = 300  # distillation steps (batch 32): ~2-4 min on a 2-core CPU
+STEPS = 200  # distillation steps (batch 32): ~2-4 min on a 2-core CPU with the compile
 BATCH = 32
 LR = 2e-4
 
@@ -60,6 +60,13 @@ def distill(demo, workdir: str | pathlib.Path, **kw) -> Distilled:
                    float(result.last_metrics.get("loss", float("nan"))))
 
 
+def teacher_params(demo):
+  """The demo teacher's Params (the EMA weights of its run)."""
+  from flax import nnx
+
+  return nnx.split(demo.model, nnx.Param)[1]
+
+
 def sample(graphdef, params, text, per_digit: int, *, sampler: str, steps: int, guidance: float | None,
            seed: int):
   """(latents (10 per_digit, 4, 4, 12), labels) for the prompts `caption(d, 0)`; the initial noise is
@@ -94,8 +101,7 @@ def adherence_table(demo, student: Distilled, *, per_digit: int = 10, seed: int 
   from pixart_jax.demo import classifier
 
   clf, _ = classifier()
-  teacher_graphdef, teacher_params = nnx.split(demo.model, nnx.Param)
-  runs = [("teacher", teacher_graphdef, teacher_params, "dpm-solver", 20, GUIDANCE)]
+  runs = [("teacher", nnx.split(demo.model, nnx.Param)[0], teacher_params(demo), "dpm-solver", 20, GUIDANCE)]
   runs += [("LCM student", student.graphdef, student.params, "lcm", s, None) for s in lcm_steps]
   rows, images = [], {}
   for name, gd, params, sampler, steps, guidance in runs:
