@@ -119,6 +119,37 @@ def adherence_table(demo, student: Distilled, *, per_digit: int = 10, seed: int 
   return rows, images
 
 
+def held_out_consistency(demo, params, target, *, n: int = 256, seed: int = 0, guidance: float = GUIDANCE) -> float:
+  """The distillation loss (`train.trainables.distill.LcmObjective`, the demo's settings) of `params` with target
+  network `target`, on `n` real digits with fixed draws (grid index, noise): the teacher's own value (params =
+  target = teacher) is what distillation starts from."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from pixart_jax.data import demo as demo_data
+  from pixart_jax.data.pipeline import null_caption
+  from pixart_jax.train.trainables.distill import LcmObjective, distill_config as lcm_config
+
+  images, labels = demo_data.load_digits()
+  pick = np.random.default_rng(seed).choice(len(images), n, replace=False)
+  rgb = demo_data.to_rgb(images[pick]).astype(np.float32) / 127.5 - 1.0
+  c = demo.spec.cfg.in_channels
+  x0 = jnp.asarray(demo.encoders.encode_images(rgb)[..., :c])
+  cap, mask = demo.encoders.text.encode_prompts([demo_data.caption(int(d), 0) for d in labels[pick]])
+  null = jnp.asarray(null_caption(demo.workdir / "data")[: cap.shape[1]], jnp.float32)
+  objective = LcmObjective.build(lcm_config(distill_config(demo, guidance=guidance)))
+  graphdef, _ = demo.spec.split()
+  batch = {"latents": x0, "caption": jnp.asarray(cap), "mask": jnp.asarray(mask)}
+
+  @jax.jit
+  def loss(params, target):
+    mb = objective.draw(jax.random.key(seed), x0, batch)
+    return objective.loss(params, mb, null, graphdef=graphdef, frozen=teacher_params(demo), target=target)[0]
+
+  return float(loss(params, target))
+
+
 def contact_sheet(images: dict, keys, per_digit: int, show: int = 4):
   """One row per digit: `show` samples of each run in `keys`, runs side by side with a wider gap."""
   import numpy as np
