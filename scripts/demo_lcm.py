@@ -38,7 +38,11 @@ def main(argv=None) -> int:
   kw = {} if args.steps is None else {"steps": args.steps}
   student = demo_lcm.distill(demo, args.workdir, **kw)
   rows, images = demo_lcm.adherence_table(demo, student, per_digit=args.per_digit)
-  print(f"distillation: {student.seconds:.0f} s, final loss {student.final_loss:.4g}\n")
+  teacher = demo_lcm.teacher_params(demo)
+  before = demo_lcm.held_out_consistency(demo, teacher, teacher)
+  after = demo_lcm.held_out_consistency(demo, student.params, student.params)
+  print(f"distillation: {student.seconds:.0f} s, final loss {student.final_loss:.4g}; held-out consistency loss "
+        f"{before:.4g} (teacher) -> {after:.4g} (student)\n")
   print("| model | sampler | steps | guidance | forward passes / image | adherence |")
   print("|---|---|---|---|---|---|")
   for r in rows:
@@ -50,6 +54,7 @@ def main(argv=None) -> int:
   sheet.save(out)
   report = pathlib.Path(args.report or pathlib.Path(args.workdir) / "lcm_report.json")
   report.write_text(json.dumps({"distill_seconds": round(student.seconds, 1), "final_loss": student.final_loss,
+                                "held_out_consistency": {"teacher": before, "student": after},
                                 "rows": rows}, indent=2))
   print(f"\ncontact sheet: {out}; report: {report}")
   return 0
