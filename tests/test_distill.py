@@ -286,3 +286,23 @@ def test_lcm_1024_recipe_is_a_runnable_document():
     assert isinstance(kind, DistillTrainable) and kind.lcm.guidance == 5.5
     assert c.init_from == "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
     assert (kind.inner is not None) == (arg == "lora") and (c.ema.rate == (None if arg == "lora" else 0.95))
+
+
+def test_planner_plans_distillation_with_the_frozen_teacher():
+  """`planning.plan_train` with `Workload.distill`: the distillation step compiles with the teacher as a frozen,
+  sharded input (params = student + teacher), the EMA target in the optimizer group, twice the step's FLOPs."""
+  from pixart_jax.models.config import get_preset
+  from pixart_jax.parallel import planning
+  from pixart_jax.parallel.mesh import make_mesh
+  from pixart_jax.train.optimizers import OptimizerConfig
+
+  mesh = make_mesh([("fsdp", 8)])
+  adamw = OptimizerConfig.from_dict(dict(name="adamw", betas=(0.9, 0.999), eps=1e-8))
+  kw = dict(dtype=jnp.float32, ema=True)
+  full = planning.plan_train(planning.Workload(get_preset("tiny"), (8, 8), 8, **kw), mesh, optimizer=adamw)
+  lcm = planning.plan_train(planning.Workload(get_preset("tiny"), (8, 8), 8, distill=cm.LcmConfig(), **kw), mesh,
+                            optimizer=adamw)
+  assert (full.what, lcm.what) == ("train", "distill")
+  assert lcm.params == 2 * full.params and lcm.optimizer == full.optimizer
+  assert lcm.argument >= lcm.params + lcm.optimizer + lcm.inputs and lcm.alias == full.alias  # teacher not donated
+  assert lcm.flops_analytic == pytest.approx(2 * full.flops_analytic)
