@@ -150,6 +150,36 @@ def load_lora(path: str | os.PathLike) -> tuple[Adapters, LoraConfig]:
   return adapters, cfg
 
 
+def save_peft_lora(adapters: Adapters, cfg: LoraConfig, dit_cfg: DiTConfig, path: str | os.PathLike) -> pathlib.Path:
+  """Our adapters in the PEFT / diffusers layout for PixArtTransformer2DModel (what `load_peft_lora` reads):
+  `adapter_model.safetensors` with `base_model.model.<module>.lora_A.weight` (r, in) / `lora_B.weight` (out, r),
+  one pair per layer of a stacked stage, and `adapter_config.json` (r, lora_alpha, use_rslora, the full module
+  names as target_modules); `peft.PeftModel.from_pretrained(transformer, path)` loads it."""
+  from pixart_jax.convert.writers import write_safetensors
+
+  where = {(e.path, e.index): e.key[: -len(".weight")] for e in dit_keys.diffusers_table(dit_cfg)
+           if e.layout == "linear"}
+  tensors, modules = {}, []
+  for p, ad in sorted(adapters.items(), key=lambda kv: _name(kv[0])):
+    a, b = np.asarray(ad["a"], np.float32), np.asarray(ad["b"], np.float32)
+    layers = [(None, a, b)] if a.ndim == 2 else [(j, a[j], b[j]) for j in range(a.shape[0])]
+    for j, aj, bj in layers:
+      module = where.get((p, j))
+      if module is None:
+        raise ValueError(f"LoRA adapter on {_name(p)} has no PixArtTransformer2DModel module (diffusers layout)")
+      tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(aj.T)
+      tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(bj.T)
+      modules.append(module)
+  out = pathlib.Path(path)
+  out.mkdir(parents=True, exist_ok=True)
+  write_safetensors(out / "adapter_model.safetensors", tensors)
+  conf = {"peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora,
+          "target_modules": modules, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+          "init_lora_weights": True, "task_type": None, "base_model_name_or_path": None, "inference_mode": True}
+  (out / "adapter_config.json").write_text(json.dumps(conf, indent=2))
+  return out
+
+
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.|transformer\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
 
 

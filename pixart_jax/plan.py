@@ -78,6 +78,15 @@ def _load_config(spec: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
+def _distill(config):
+  """config.distill (enabled) -> its LcmConfig: the train plan is then latent consistency distillation."""
+  if config is None or not _get(config, "distill.enabled", default=False):
+    return None
+  from pixart_jax.train.trainables.distill import distill_config
+
+  return distill_config(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="python -m pixart_jax.plan", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,7 +213,8 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> list[dict]:
       remat=args.remat or str(cget("model.remat", "remat", default="full")),
       ema=bool(args.ema if args.ema is not None else cget("ema.rate", default=None) is not None),
       grad_accum=args.grad_accum or int(cget("grad_accum", "train.grad_accum", default=1)),
-      steps=args.steps, guidance=not args.no_guidance, attention=AttentionOptions.parse(attention))
+      steps=args.steps, guidance=not args.no_guidance, attention=AttentionOptions.parse(attention),
+      distill=_distill(config))
   what = [x.strip() for x in args.what.split(",") if x.strip()]
   bad = [x for x in what if x not in ("train", "sample")]
   if bad or not what:

@@ -47,7 +47,9 @@ class Workload:
   """What to plan. latent_hw: (H, W) latent size (image / 8). global_batch: examples per step (sampler: images,
   CFG doubles the DiT batch). dtype / param_dtype: compute / storage. remat: policy name (train only).
   attention: how attention runs (`AttentionOptions`, or a backend name / mapping of its fields).
-  steps / guidance: sampler settings. ema: keep an fp32 EMA in the train state."""
+  steps / guidance: sampler settings. ema: keep an fp32 EMA in the train state.
+  distill: None, or a `diffusion.consistency.LcmConfig`: plan latent consistency distillation (the student's state,
+  the frozen teacher sharded like it, the EMA target when `ema`; `train.trainables.distill`)."""
   cfg: DiTConfig
   latent_hw: tuple[int, int]
   global_batch: int
@@ -59,6 +61,7 @@ class Workload:
   steps: int = 20
   guidance: bool = True
   attention: AttentionOptions = AttentionOptions()
+  distill: Any = None
 
   def __post_init__(self):
     object.__setattr__(self, "attention", AttentionOptions.parse(self.attention))
@@ -216,15 +219,22 @@ def plan_train(work: Workload, mesh: Mesh, optimizer=None, rules=sharding_lib.LO
 
   step_cfg = step_lib.StepConfig(class_dropout_prob=cfg.class_dropout_prob, grad_accum=work.grad_accum,
                                  ema_rate=0.9999 if work.ema else None, learn_sigma=cfg.learn_sigma)
-  fn = step_lib.make_train_step(graphdef=graphdef, tx=tx, lr_schedule=lr, cfg=step_cfg)
-  jitted = step_lib.jit_train_step(fn, jax.tree.map(lambda a: a.sharding, state), batch_sh, mesh)
-  compiled, seconds, error = _compile(jitted, mesh, state, batch, null, ())  # full fine-tuning: nothing frozen
-  args_bytes = per_device_bytes((state, batch, null))
+  objective, frozen = None, ()  # full fine-tuning: nothing frozen
+  if work.distill is not None:  # the teacher: the student's shapes, shardings and storage dtype (frozen input)
+    from pixart_jax.train.trainables.distill import LcmObjective
+
+    objective, frozen = LcmObjective.build(work.distill), state.params
+    step_cfg = dataclasses.replace(step_cfg, class_dropout_prob=0.0, ema_rate=0.95 if work.ema else None)
+  fn = step_lib.make_train_step(graphdef=graphdef, tx=tx, lr_schedule=lr, cfg=step_cfg, objective=objective)
+  jitted = step_lib.jit_train_step(fn, jax.tree.map(lambda a: a.sharding, state), batch_sh, mesh,
+                                   jax.tree.map(lambda a: a.sharding, frozen))
+  compiled, seconds, error = _compile(jitted, mesh, state, batch, null, frozen)
+  args_bytes = per_device_bytes((state, batch, null, frozen))
 
   n = mesh.devices.size
-  total = flops_lib.dit_train_flops(cfg, h, w, s, b)
-  return Plan(what="train", devices=n, device_kind=mesh.devices.flat[0].device_kind, mesh=dict(mesh.shape),
-              params=per_device_bytes(state.params),
+  total = flops_lib.dit_train_flops(cfg, h, w, s, b) * (2.0 if work.distill is not None else 1.0)
+  return Plan(what="train" if work.distill is None else "distill", devices=n, device_kind=mesh.devices.flat[0].device_kind, mesh=dict(mesh.shape),
+              params=per_device_bytes(state.params) + per_device_bytes(frozen),  # distill: + the teacher
               optimizer=per_device_bytes(state.opt_state) + per_device_bytes(state.ema),
               inputs=per_device_bytes(batch) + per_device_bytes(null), **_memory(compiled, error, args_bytes),
               flops_analytic=total / n, flops_xla=_cost_flops(compiled) if compiled else None,

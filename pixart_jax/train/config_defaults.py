@@ -29,6 +29,9 @@ Fields of the experiment (every recipe has all of them; `lock_config=True` makes
                               diffusers dir, Hub id), an Orbax dir from `convert`, or another run's workdir
                               (weak-to-strong rules: new KV layers at average init, PE change, dropped micro-conds)
   lora.*                      rank (None = full fine-tune), alpha, targets, rslora: train adapters only
+  distill.*                   enabled (latent consistency distillation of init_from, the teacher), guidance (the
+                              teacher's fixed CFG scale), num_ddim_timesteps (skipping-step grid), loss (huber | l2),
+                              huber_c, timestep_scaling; with lora.rank set: LCM-LoRA (train.trainables.distill)
   class_dropout_prob          caption dropout for classifier-free guidance (0.1)
 """
 from __future__ import annotations
@@ -154,6 +157,9 @@ def base_config(*, preset: str, table: str | None, batch_size: int, warmup: int,
   c.lora = mlc.ConfigDict(dict(rank=config_dict.placeholder(int), alpha=16.0,
                                targets=(r".*\.attn\.(q|k|v|out)\.kernel", r".*\.cross_attn\.(q|k|v|out)\.kernel"),
                                rslora=False))
+  # Latent consistency distillation (train.trainables.distill): enabled=False = off. With lora.rank: LCM-LoRA.
+  c.distill = mlc.ConfigDict(dict(enabled=False, guidance=5.5, num_ddim_timesteps=50, loss="huber", huber_c=0.001,
+                                  timestep_scaling=10.0))
   return c
 
 
@@ -213,6 +219,10 @@ def check_config(c: mlc.ConfigDict) -> None:
   if get("lora.rank") not in (None, _ABSENT):
     checks.positive("lora.rank", get("lora.rank"))
     checks.finite("lora.alpha", get("lora.alpha"), low=0.0, low_open=True)
+  if get("distill.enabled") not in (False, None, _ABSENT):
+    from pixart_jax.train.trainables.distill import distill_config
+
+    distill_config(c)
   if get("optimizer") is not _ABSENT:
     from pixart_jax.train.optimizers import OptimizerConfig
 

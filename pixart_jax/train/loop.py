@@ -263,7 +263,7 @@ def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = Non
     if sample_fn is None and config.sample.every:
       sample_fn = make_sample_fn(config.sample, spec, graphdef, mesh, rules, caption_len=null.shape[0])
     fn = make_train_step(graphdef=graphdef, tx=tx, lr_schedule=lr_schedule, cfg=step_cfg,
-                         params_fn=trainable.params_fn)
+                         params_fn=trainable.params_fn, objective=trainable.objective)
     compiled, step_flops = {}, {}
     for key, ab in abstract_batches.items():
       ab = {k: ab[k] for k in BATCH_KEYS}
@@ -271,7 +271,8 @@ def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = Non
       jitted = jit_train_step(fn, shardings, {k: v.sharding for k, v in ab.items()}, mesh, frozen_shardings)
       compiled[key] = jitted.lower(state, ab, null, frozen).compile()
       _, h, w, _ = ab["latents"].shape
-      step_flops[key] = flops_lib.train_step_flops(spec.cfg, batch, h, w, ab["caption"].shape[1])
+      step_flops[key] = trainable.forward_passes / 3 * flops_lib.train_step_flops(spec.cfg, batch, h, w,
+                                                                                  ab["caption"].shape[1])
       log.info("compiled bucket %s (latent %dx%d) in %.1fs; per device: %s", key, h, w, time.perf_counter() - t0,
                _memory(compiled[key]))
 

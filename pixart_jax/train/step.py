@@ -13,15 +13,20 @@ Gradient accumulation: the batch is split into K strided micro-batches (example 
 each device's slice splits evenly and no data moves) and `lax.scan` sums their gradients; since the noise is drawn
 per example before the split, K changes only the summation order, not the loss.
 
-`make_train_step` binds the static parts (graphdef, optimizer, schedule, settings, the trainable's params function);
-the loop jits the result once per bucket shape with `jit_train_step` (explicit in/out shardings, the state donated).
-`frozen` is what the trainable keeps fixed (LoRA: the base weights; full fine-tuning: the empty tuple).
+`make_train_step` binds the static parts (graphdef, optimizer, schedule, settings, the trainable's params function
+and objective); the loop jits the result once per bucket shape with `jit_train_step` (explicit in/out shardings, the
+state donated). `frozen` is what the trainable keeps fixed (LoRA: the base weights; distillation: the teacher; full
+fine-tuning: the empty tuple).
+
+What is minimised is an `Objective`: `draw` makes the per-example random inputs up front (so grad accumulation only
+changes the summation order), `loss` runs the model on one micro-batch. The default is `Iddpm` (above); a kind of
+training that minimises something else (consistency distillation: `train.trainables.distill`) brings its own.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import einops
 import jax
@@ -63,26 +68,66 @@ def _micro(x: jax.Array, k: int) -> jax.Array:
   return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
 
 
-def _loss_fn(params, mb: Batch, null_caption, *, graphdef, schedule: DiffusionSchedule, cfg: StepConfig,
-             params_fn: Callable | None = None, frozen: Any = None):
-  """Mean IDDPM loss of one micro-batch and its (loss, mse, vb) means.
+class Objective(Protocol):
+  """What one train step minimises.
 
-  params_fn: None = `params` are the model's; else the model runs on `params_fn(params, frozen)` (LoRA: the
-  trained adapters applied to the frozen base weights inside the loss, so only the adapters get gradients)."""
-  model = nnx.merge(graphdef, params if params_fn is None else params_fn(params, frozen))
-  drop = mb["drop"] if cfg.class_dropout_prob > 0 else None
-  out = model(mb["x_t"], mb["t"], mb["caption"], mb["mask"], caption_drop=drop,
-              null_caption=null_caption if drop is not None else None)
-  losses = iddpm_loss(out, mb["latents"], mb["x_t"], mb["t"], mb["noise"], schedule=schedule,
-                      learn_sigma=cfg.learn_sigma)
-  aux = {"loss": jnp.mean(losses["loss"]), "loss_mse": jnp.mean(losses["mse"]), "loss_vb": jnp.mean(losses["vb"])}
-  return aux["loss"], aux
+  aux_names: the names of the (scalar, float32) means `loss` returns next to the loss ("loss" among them).
+  draw(key, x0, batch) -> {name: (B, ...)} every per-example input of the loss (random draws included).
+  loss(params, mb, null_caption, *, graphdef, params_fn, frozen, target) -> (loss, aux) over one micro-batch `mb`
+    (the drawn dict, sliced); `target` is the state's EMA (None when the run keeps none).
+  """
+  aux_names: tuple[str, ...]
+
+  def draw(self, key: jax.Array, x0: jax.Array, batch: Batch) -> Batch: ...
+
+  def loss(self, params, mb: Batch, null_caption, *, graphdef, params_fn, frozen, target) -> tuple[jax.Array, dict]:
+    ...
+
+
+def model_params(params, params_fn: Callable | None, frozen: Any):
+  """The model's Params: `params` themselves, or `params_fn(params, frozen)` (LoRA: adapters on the base)."""
+  return params if params_fn is None else params_fn(params, frozen)
+
+
+@dataclasses.dataclass(frozen=True)
+class Iddpm:
+  """The pretraining objective: IDDPM (mse + vb) at t ~ U{0..N-1} with caption dropout (module docstring)."""
+  schedule: DiffusionSchedule
+  cfg: StepConfig
+  aux_names: tuple[str, ...] = ("loss", "loss_mse", "loss_vb")
+
+  def draw(self, key, x0, batch):
+    b = x0.shape[0]
+    k_t, k_noise, k_drop = jax.random.split(key, 3)
+    t = jax.random.randint(k_t, (b,), 0, self.schedule.num_timesteps, dtype=jnp.int32)
+    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    drop = jax.random.bernoulli(k_drop, self.cfg.class_dropout_prob, (b,))
+    x_t = self.schedule.q_sample(x0, t, noise)
+    return {"latents": x0, "x_t": x_t, "t": t, "noise": noise, "drop": drop, "caption": batch["caption"],
+            "mask": batch["mask"]}
+
+  def loss(self, params, mb, null_caption, *, graphdef, params_fn=None, frozen=None, target=None):
+    """Mean IDDPM loss of one micro-batch and its (loss, mse, vb) means.
+
+    params_fn: None = `params` are the model's; else the model runs on `params_fn(params, frozen)` (LoRA: the
+    trained adapters applied to the frozen base weights inside the loss, so only the adapters get gradients)."""
+    del target
+    cfg = self.cfg
+    model = nnx.merge(graphdef, model_params(params, params_fn, frozen))
+    drop = mb["drop"] if cfg.class_dropout_prob > 0 else None
+    out = model(mb["x_t"], mb["t"], mb["caption"], mb["mask"], caption_drop=drop,
+                null_caption=null_caption if drop is not None else None)
+    losses = iddpm_loss(out, mb["latents"], mb["x_t"], mb["t"], mb["noise"], schedule=self.schedule,
+                        learn_sigma=cfg.learn_sigma)
+    aux = {"loss": jnp.mean(losses["loss"]), "loss_mse": jnp.mean(losses["mse"]), "loss_vb": jnp.mean(losses["vb"])}
+    return aux["loss"], aux
 
 
 def train_step(state: TrainState, batch: Batch, null_caption: jax.Array, frozen: Any = (), *,
                graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                schedule: DiffusionSchedule, cfg: StepConfig,
-               params_fn: Callable | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               params_fn: Callable | None = None,
+               objective: Objective | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update.
 
   Args:
@@ -90,27 +135,23 @@ def train_step(state: TrainState, batch: Batch, null_caption: jax.Array, frozen:
     batch: latents (B H W C) float, caption (B S Dc), mask (B S) int; B divisible by cfg.grad_accum.
     null_caption: (S, Dc) the caption embedding of the empty prompt (CFG dropout target).
     frozen: the trainable's fixed inputs (a pytree, () for full fine-tuning); params_fn: its map (trained params,
-      frozen) -> model params, None when the trained params are the model's (see `_loss_fn`).
+      frozen) -> model params, None when the trained params are the model's (see `Iddpm.loss`).
+    objective: what is minimised (None: `Iddpm(schedule, cfg)`).
   Returns:
-    (new state, metrics): float32 scalars {loss, loss_mse, loss_vb, grad_norm (before clipping),
-    param_norm (after the update), update_norm, lr (of this update)}.
+    (new state, metrics): float32 scalars {the objective's aux (loss, loss_mse, loss_vb for IDDPM), grad_norm
+    (before clipping), param_norm (after the update), update_norm, lr (of this update)}.
   """
+  objective = objective or Iddpm(schedule, cfg)
   x0 = batch["latents"].astype(jnp.float32)
   b = x0.shape[0]
   k = cfg.grad_accum
   if b % k:
     raise ValueError(f"batch {b} is not divisible by grad_accum {k}")
   key = jax.random.fold_in(state.rng, state.step)
-  k_t, k_noise, k_drop = jax.random.split(key, 3)
-  t = jax.random.randint(k_t, (b,), 0, schedule.num_timesteps, dtype=jnp.int32)
-  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-  drop = jax.random.bernoulli(k_drop, cfg.class_dropout_prob, (b,))
-  x_t = schedule.q_sample(x0, t, noise)
-  full = {"latents": x0, "x_t": x_t, "t": t, "noise": noise, "drop": drop, "caption": batch["caption"],
-          "mask": batch["mask"]}
+  full = objective.draw(key, x0, batch)
   grad_fn = jax.value_and_grad(
-      functools.partial(_loss_fn, graphdef=graphdef, schedule=schedule, cfg=cfg, params_fn=params_fn,
-                        frozen=frozen), has_aux=True)
+      functools.partial(objective.loss, graphdef=graphdef, params_fn=params_fn, frozen=frozen, target=state.ema),
+      has_aux=True)
 
   if k == 1:
     (_, aux), grads = grad_fn(state.params, full, null_caption)
@@ -123,7 +164,7 @@ def train_step(state: TrainState, batch: Batch, null_caption: jax.Array, frozen:
       (_, aux), g = grad_fn(state.params, mb, null_caption)
       return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, a_sum, aux)), None
 
-    init_aux = {name: jnp.zeros([], jnp.float32) for name in ("loss", "loss_mse", "loss_vb")}
+    init_aux = {name: jnp.zeros([], jnp.float32) for name in objective.aux_names}
     (grads, aux), _ = jax.lax.scan(body, (zeros, init_aux), micro)
     grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, state.params)
     aux = jax.tree.map(lambda a: a / k, aux)
@@ -142,10 +183,11 @@ def train_step(state: TrainState, batch: Batch, null_caption: jax.Array, frozen:
 
 def make_train_step(*, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     schedule: DiffusionSchedule | None = None, cfg: StepConfig = StepConfig(),
-                    params_fn: Callable | None = None) -> Callable:
+                    params_fn: Callable | None = None, objective: Objective | None = None) -> Callable:
   """`train_step` with its static parts bound: `(state, batch, null_caption, frozen) -> (state, metrics)`."""
   return functools.partial(train_step, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
-                           schedule=schedule or DiffusionSchedule.linear(), cfg=cfg, params_fn=params_fn)
+                           schedule=schedule or DiffusionSchedule.linear(), cfg=cfg, params_fn=params_fn,
+                           objective=objective)
 
 
 def jit_train_step(step_fn: Callable, state_shardings: Any, batch_sharding: Any, mesh: jax.sharding.Mesh,

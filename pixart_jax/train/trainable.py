@@ -1,5 +1,5 @@
 """What the trainer trains: a `Trainable`. The loop has one path for every kind; a kind is a file in
-`train/trainables/` (full fine-tuning, LoRA; ControlNet and distillation are the next ones).
+`train/trainables/` (full fine-tuning, LoRA, consistency distillation; ControlNet is the next one).
 
 A kind provides
   * the initial state, by the documented resume order (`Trainable.initial_state`): the newest restorable
@@ -10,6 +10,8 @@ A kind provides
   * the params function `(trained params, frozen) -> model params` (`params_fn`; None: the trained params are the
     model's), applied inside the loss so that gradients reach the trained params only;
   * what to export when the run ends (`export`; nothing for full fine-tuning, whose checkpoints are the result).
+  * what the step minimises (`objective`, a `train.step.Objective`; None: the IDDPM pretraining loss) and its cost in
+    model forward passes per example (`forward_passes`; 3 = forward + backward, for the logged FLOPs and MFU).
 The train state (`TrainState`) holds the trained params, their optimizer state and EMA; checkpoints hold exactly it.
 """
 from __future__ import annotations
@@ -58,6 +60,8 @@ class Trainable(abc.ABC):
 
   label: str = ""  # named after a restored checkpoint in the log ("checkpoint 3 (LoRA)"); "" for full fine-tuning
   params_fn: Callable[[Any, Any], Any] | None = None  # (trained params, frozen) -> the model's nnx.State of Params
+  objective: Any = None  # a train.step.Objective; None = the IDDPM loss
+  forward_passes: float = 3.0  # model forward-pass equivalents per example and step (backward = 2)
 
   def __init__(self, config, spec: ModelSpec):
     self.config, self.spec = config, spec
