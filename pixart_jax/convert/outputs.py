@@ -3,6 +3,8 @@
 A folder the tool writes gets a marker file, `.pixart_convert.json`, before anything else. Rules:
   * a new or empty folder is taken (marked);
   * a folder holding our marker (an earlier conversion) is replaced only with `overwrite=True` (`--overwrite`);
+  * with `resume=True` a folder holding our marker of the same kind (`what`) is kept as it is: a rerun of a
+    resumable tool (`evaluate`) continues in it, writing only what is missing;
   * any other existing folder (files this tool did not write, e.g. an unrelated `params/`) is refused, even with
     `overwrite`: nothing the tool did not write is ever deleted or overwritten;
   * an output overlapping an input (`--base`, `--source`) is refused before anything is touched.
@@ -46,9 +48,18 @@ def _is_ours(out: pathlib.Path) -> bool:
   return isinstance(doc, dict) and doc.get("format") == MARKER_FORMAT
 
 
-def claim_output(out, *, what: str, overwrite: bool = False, write_marker: bool = True) -> pathlib.Path:
+def _kind(out: pathlib.Path) -> str | None:
+  try:
+    return json.loads((out / MARKER).read_text()).get("what")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def claim_output(out, *, what: str, overwrite: bool = False, write_marker: bool = True,
+                 resume: bool = False) -> pathlib.Path:
   """Makes `out` (an output folder of kind `what`) ours before anything is written: see the module doc.
-  Returns its absolute path. `write_marker=False` checks only (other processes of a multi-host save)."""
+  Returns its absolute path. `write_marker=False` checks only (other processes of a multi-host save).
+  `resume=True`: an earlier output of ours of the same kind is returned untouched (continued, not replaced)."""
   out = pathlib.Path(out).absolute()
   if os.path.lexists(out) and not out.is_dir():
     raise FileExistsError(f"--out {out} exists and is not a folder")
@@ -58,6 +69,11 @@ def claim_output(out, *, what: str, overwrite: bool = False, write_marker: bool 
       raise FileExistsError(
           f"--out {out} already holds {len(entries)} entries this tool did not write (e.g. {entries[:3]}; no "
           f"{MARKER}); they are never replaced or deleted: choose a new or empty folder")
+    if resume and not overwrite:
+      if _kind(out) != what:
+        raise FileExistsError(f"--out {out} holds an output of another kind ({_kind(out)!r}, not {what!r}); "
+                              "choose a new or empty folder")
+      return out
     if not overwrite:
       raise FileExistsError(f"--out {out} holds an earlier conversion; pass --overwrite (overwrite=True) to replace "
                             "it, or choose a new folder")
