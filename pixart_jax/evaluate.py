@@ -16,9 +16,11 @@ SAME settings, which is resumed):
   images/NNNNN.png    the samples (prompt and seed in their PNG text chunks)
   batches/NNNNN.npz   per finished batch: Inception features and CLIP scores; a rerun adds these back and samples
                       only the batches that have none
-  ref_stats.npz       with --ref-images: the reference statistics, computed once
+  ref_stats_*.npz     with --ref-images: the reference statistics, computed once per reference folder
   report.json         {"fid", "clip_score", "num_images", ...settings}
   contact_sheet.png   the first --sheet images
+
+The reference is not a setting: rerunning against other statistics rescores the kept batches without sampling.
 
 `stats` writes pytorch-fid's `.npz` (mu, sigma; plus num_samples), refusing to replace an existing file unless
 --overwrite. --prepared reads a dataset written by `pixart_jax.prepare` and decodes its latents (the VAE of
@@ -148,6 +150,18 @@ def _abs(p) -> str | None:
   return str(pathlib.Path(p).expanduser().absolute()) if os.path.exists(os.path.expanduser(p)) else str(p)
 
 
+def read_prompts(path: str) -> list[str]:
+  """The non-blank lines of a UTF-8 text file (as `sample --prompts_file`, whose module defines absl flags and so
+  is not imported here); ValueError naming the file and the byte offset of bad text."""
+  data = pathlib.Path(path).read_bytes()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"--prompts {path}: not UTF-8 text (byte offset {e.start}: {data[e.start:e.start + 4]!r}); "
+                     "save it as UTF-8") from None
+  return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def _atomic_savez(path: pathlib.Path, **arrays) -> None:
   import numpy as np
 
@@ -162,11 +176,12 @@ def _atomic_json(path: pathlib.Path, doc) -> None:
   os.replace(tmp, path)
 
 
-def _claim(out: pathlib.Path, settings: dict) -> pathlib.Path:
-  """`--out` is ours (`claim_output`, resumable); an earlier evaluation must have the same settings."""
+def _claim(out: pathlib.Path, settings: dict, *, check_only: bool = False) -> pathlib.Path:
+  """`--out` is ours (`claim_output`, resumable); an earlier evaluation must have the same settings (the reference
+  is not one of them: a rerun against other reference statistics rescores the kept batches)."""
   from pixart_jax.convert.outputs import claim_output
 
-  out = claim_output(out, what=WHAT, resume=True)
+  out = claim_output(out, what=WHAT, resume=True, write_marker=not check_only)
   path = out / SETTINGS
   if path.exists():
     try:
@@ -178,8 +193,10 @@ def _claim(out: pathlib.Path, settings: dict) -> pathlib.Path:
       diff = sorted(k for k in set(settings) | set(old or {}) if (old or {}).get(k) != settings.get(k))
       raise ValueError(f"--out {out} holds an evaluation with other settings (differing: {', '.join(diff)}); "
                        "rerun with the same settings to resume it, or choose a new --out")
-  else:
+  elif not check_only:
     _atomic_json(path, {"format": SETTINGS_FORMAT, "settings": settings})
+  if check_only:
+    return out
   (out / "images").mkdir(exist_ok=True)
   (out / "batches").mkdir(exist_ok=True)
   return out
@@ -191,8 +208,9 @@ def _reference(args, out: pathlib.Path, metrics):
 
   if args.ref_stats:
     stats = FIDStats.load(args.ref_stats)
-  else:
-    cached = out / "ref_stats.npz"
+  else:  # computed once per reference folder, kept in the output folder
+    key = hashlib.sha256(str(pathlib.Path(args.ref_images).absolute()).encode()).hexdigest()[:12]
+    cached = out / f"ref_stats_{key}.npz"
     if cached.exists():
       return FIDStats.load(cached)
     stats = reference_stats(metrics, image_dir_batches(args.ref_images, args.batch_size), progress=True)
@@ -213,7 +231,6 @@ def evaluate(args) -> dict:
   from pixart_jax import checks
   from pixart_jax.images import save_png
   from pixart_jax.metrics.evaluation import ImageMetrics, Measured, MetricsAccumulator
-  from pixart_jax.sample import read_prompts_file
 
   _need(args, "model", "prompts", "inception", "clip")
   if not (args.ref_stats or args.ref_images):
@@ -229,7 +246,7 @@ def evaluate(args) -> dict:
   for flag, path in (("--prompts", args.prompts), ("--ref-stats", args.ref_stats), ("--ref-images", args.ref_images)):
     if path is not None and not os.path.exists(path):
       raise FileNotFoundError(f"{flag} {path}: no such file or folder")
-  prompts = read_prompts_file(args.prompts)
+  prompts = read_prompts(args.prompts)
   if not prompts:
     raise ValueError(f"--prompts {args.prompts} holds no prompt (only blank lines)")
   num = args.num or len(prompts)
@@ -242,8 +259,8 @@ def evaluate(args) -> dict:
               "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(), "num": num,
               "batch_size": bs, "size": args.size, "steps": args.steps, "sampler": args.sampler,
               "guidance": args.guidance, "seed": args.seed, "dtype": args.dtype, "binning": not args.no_binning, "inception": _abs(args.inception),
-              "fid_blocks": not args.torchvision_blocks, "clip": _abs(args.clip),
-              "ref": _abs(args.ref_stats or args.ref_images)}
+              "fid_blocks": not args.torchvision_blocks, "clip": _abs(args.clip)}
+  _claim(pathlib.Path(args.out), settings, check_only=True)  # refused before any network loads
   metrics = ImageMetrics.from_files(args.inception, args.clip, mesh=mesh, use_fid_inception=not args.torchvision_blocks)
   out = _claim(pathlib.Path(args.out), settings)
   ref = _reference(args, out, metrics)
@@ -283,7 +300,7 @@ def evaluate(args) -> dict:
       acc.add(m)
       bar.update(len(idx))
 
-  report = {**acc.result(ref), "settings": settings, "sampled_this_run": sum(
+  report = {**acc.result(ref), "reference": _abs(args.ref_stats or args.ref_images), "settings": settings, "sampled_this_run": sum(
       len(range(b * bs, min(num, (b + 1) * bs))) for b in todo), "seconds_this_run": round(time.perf_counter() - t0, 1)}
   _atomic_json(out / "report.json", report)
   if args.sheet:
