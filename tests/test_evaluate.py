@@ -28,24 +28,36 @@ def _compile_cache(tmp_path_factory):
     yield
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-  """A tiny diffusers pipeline (64 px), a random pytorch-fid Inception .pth, a CLIPModel dir, 8 reference PNGs."""
+def write_tiny_inception(path):
+  """A random pytorch-fid Inception (FID blocks, 1/8 width) saved like the released .pth (legacy torch format)."""
+  inception = randomize_(Inception3(num_classes=1008, aux_logits=False, fid=True, width=WIDTH), seed=0)
+  torch.save(inception.state_dict(), path, _use_new_zipfile_serialization=False)
+  return inception
+
+
+def write_tiny_clip(clip_dir):
+  """A random transformers CLIPModel directory: weights, config, CLIP BPE tokenizer, image processor config."""
   from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-  from pixart_jax.testing import make_tiny_pipeline
-
-  root = tmp_path_factory.mktemp("evaluate")
-  pipe = make_tiny_pipeline(root / "pipe", t5_dim=32, sample_size=8)
-  inception = randomize_(Inception3(num_classes=1008, aux_logits=False, fid=True, width=WIDTH), seed=0)
-  pth = root / "pt_inception-random.pth"
-  torch.save(inception.state_dict(), pth, _use_new_zipfile_serialization=False)
-  clip_dir = root / "clip"
   tok = _tiny_tokenizer(clip_dir)
   clip = _random_clip(_hf_config(len(tok), tok.eos_token_id), seed=1)
   clip.save_pretrained(clip_dir)
   CLIPImageProcessorPil(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}
                         ).save_pretrained(clip_dir)
+  return clip, tok
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+  """A tiny diffusers pipeline (64 px), a random pytorch-fid Inception .pth, a CLIPModel dir, 8 reference PNGs."""
+  from pixart_jax.testing import make_tiny_pipeline
+
+  root = tmp_path_factory.mktemp("evaluate")
+  pipe = make_tiny_pipeline(root / "pipe", t5_dim=32, sample_size=8)
+  pth = root / "pt_inception-random.pth"
+  inception = write_tiny_inception(pth)
+  clip_dir = root / "clip"
+  clip, tok = write_tiny_clip(clip_dir)
   ref = root / "ref"
   ref.mkdir()
   rng = np.random.default_rng(0)
