@@ -59,6 +59,7 @@ setup(
             "pixart-sample=pixart_jax.sample:run",
             "pixart-convert=pixart_jax.convert.__main__:run",
             "pixart-plan=pixart_jax.plan:run",
+            "pixart-evaluate=pixart_jax.evaluate:run",
         ]
     },
 )

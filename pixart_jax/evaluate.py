@@ -246,6 +246,10 @@ def evaluate(args) -> dict:
   for flag, path in (("--prompts", args.prompts), ("--ref-stats", args.ref_stats), ("--ref-images", args.ref_images)):
     if path is not None and not os.path.exists(path):
       raise FileNotFoundError(f"{flag} {path}: no such file or folder")
+  if args.ref_images:
+    from pixart_jax.metrics.evaluation import image_dir_files
+
+    image_dir_files(args.ref_images)
   prompts = read_prompts(args.prompts)
   if not prompts:
     raise ValueError(f"--prompts {args.prompts} holds no prompt (only blank lines)")
@@ -362,7 +366,7 @@ def prepared_batches(data_dir, batch_size: int, vae_src: str | None = None, *, m
 
 def stats(args) -> pathlib.Path:
   from pixart_jax import checks
-  from pixart_jax.metrics.evaluation import ImageMetrics, image_dir_batches, reference_stats
+  from pixart_jax.metrics.evaluation import ImageMetrics, image_dir_batches, image_dir_files, reference_stats
 
   _need(args, "inception", "out")
   if not (args.images or args.prepared):
@@ -376,6 +380,12 @@ def stats(args) -> pathlib.Path:
   for flag, path in (("--images", args.images), ("--prepared", args.prepared)):
     if path is not None and not os.path.isdir(path):
       raise FileNotFoundError(f"{flag} {path}: no such folder")
+  if args.images:
+    image_dir_files(args.images)  # a folder without images is refused before the Inception loads
+  else:
+    from pixart_jax.data.pipeline import load_manifest
+
+    load_manifest(args.prepared)
   mesh = _mesh(args.mesh)
   metrics = ImageMetrics.from_files(args.inception, mesh=mesh, use_fid_inception=not args.torchvision_blocks)
   batches = (image_dir_batches(args.images, args.batch_size) if args.images else
