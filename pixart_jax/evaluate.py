@@ -237,6 +237,7 @@ def evaluate(args) -> dict:
     raise ValueError("give the reference: --ref-stats FILE.npz (from `python -m pixart_jax.evaluate stats`) or "
                      "--ref-images DIR")
   checks.positive("--batch-size", args.batch_size)
+  parse_mesh(args.mesh)
   checks.positive("--num", args.num, allow_none=True)
   checks.positive("--steps", args.steps, allow_none=True)
   checks.non_negative("--sheet", args.sheet)
@@ -366,12 +367,14 @@ def prepared_batches(data_dir, batch_size: int, vae_src: str | None = None, *, m
 
 def stats(args) -> pathlib.Path:
   from pixart_jax import checks
-  from pixart_jax.metrics.evaluation import ImageMetrics, image_dir_batches, image_dir_files, reference_stats
+  from pixart_jax.metrics.evaluation import (ImageMetrics, check_source, image_dir_batches, image_dir_files,
+                                             reference_stats)
 
   _need(args, "inception", "out")
   if not (args.images or args.prepared):
     raise ValueError("give the images: --images DIR (a folder of images) or --prepared DIR (a prepared dataset)")
   checks.positive("--batch-size", args.batch_size)
+  parse_mesh(args.mesh)
   out = pathlib.Path(args.out)
   if out.suffix != ".npz":
     raise ValueError(f"--out {out}: FID statistics are written as a pytorch-fid .npz; give a name ending in .npz")
@@ -380,6 +383,7 @@ def stats(args) -> pathlib.Path:
   for flag, path in (("--images", args.images), ("--prepared", args.prepared)):
     if path is not None and not os.path.isdir(path):
       raise FileNotFoundError(f"{flag} {path}: no such folder")
+  check_source("--inception", args.inception, "an Inception3 .pth/.safetensors")
   if args.images:
     image_dir_files(args.images)  # a folder without images is refused before the Inception loads
   else:

@@ -29,7 +29,8 @@ from pixart_jax.metrics.inception import FIDInceptionV3
 from pixart_jax.metrics.sharded import ShardedApply
 from pixart_jax.parallel.sharding import LOGICAL_RULES, Rules
 
-__all__ = ["Measured", "ImageMetrics", "MetricsAccumulator", "reference_stats", "image_dir_batches", "IMAGE_SUFFIXES"]
+__all__ = ["check_source", "Measured", "ImageMetrics", "MetricsAccumulator", "reference_stats", "image_dir_files",
+           "image_dir_batches", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -54,7 +55,7 @@ class Measured:
                np.asarray(arrays["clip_scores"]) if "clip_scores" in arrays else None)
 
 
-def _check_local(flag: str, src, what: str) -> None:
+def check_source(flag: str, src, what: str) -> None:
   """`src` must be an existing file / folder or a Hub id (`org/name`): anything else is refused by name before
   anything loads."""
   from pixart_jax.convert.hub import parse_hub_id
@@ -82,10 +83,10 @@ class ImageMetrics:
     directory or Hub id (None: no CLIP score). Missing files are refused by name before anything loads."""
     from pixart_jax.convert.inception_keys import inception_config_for, load_inception
 
-    _check_local("--inception", inception, "an Inception3 .pth/.safetensors, e.g. pytorch-fid's "
+    check_source("--inception", inception, "an Inception3 .pth/.safetensors, e.g. pytorch-fid's "
                  "pt_inception-2015-12-05-6726825d.pth")
     if clip is not None:
-      _check_local("--clip", clip, "a transformers CLIPModel folder or a Hub id such as openai/clip-vit-large-patch14")
+      check_source("--clip", clip, "a transformers CLIPModel folder or a Hub id such as openai/clip-vit-large-patch14")
     config = inception_config_for(inception, use_fid_inception=use_fid_inception)
     net = load_inception(inception, config=config, mesh=mesh, rules=rules)
     scorer = CLIPScorer.from_pretrained(clip, mesh=mesh, rules=rules) if clip is not None else None
