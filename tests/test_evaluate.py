@@ -218,3 +218,15 @@ def test_missing_reference_and_clip_are_refused(assets, capsys, tmp_path):
     err = capsys.readouterr().err
     assert re.search(message, err), err
   assert not (tmp_path / "o").exists()  # refused before the output folder is touched
+
+
+def test_claimed_output_is_resumed_only_by_the_same_kind(tmp_path):
+  from pixart_jax.convert.outputs import claim_output
+
+  out = claim_output(tmp_path / "o", what="evaluation", resume=True)
+  (out / "kept.txt").write_text("1")
+  assert claim_output(out, what="evaluation", resume=True) == out and (out / "kept.txt").read_text() == "1"
+  with pytest.raises(FileExistsError, match="another kind"):
+    claim_output(out, what="orbax", resume=True)
+  with pytest.raises(FileExistsError, match="earlier conversion"):  # without resume: the old rule
+    claim_output(out, what="evaluation")
