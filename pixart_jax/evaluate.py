@@ -263,8 +263,8 @@ def evaluate(args) -> dict:
   settings = {"model": _abs(args.model), "transformer": _abs(args.transformer),
               "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(), "num": num,
               "batch_size": bs, "size": args.size, "steps": args.steps, "sampler": args.sampler,
-              "guidance": args.guidance, "seed": args.seed, "dtype": args.dtype, "binning": not args.no_binning, "inception": _abs(args.inception),
-              "fid_blocks": not args.torchvision_blocks, "clip": _abs(args.clip)}
+              "guidance": args.guidance, "seed": args.seed, "dtype": args.dtype, "binning": not args.no_binning,
+              "inception": _abs(args.inception), "fid_blocks": not args.torchvision_blocks, "clip": _abs(args.clip)}
   _claim(pathlib.Path(args.out), settings, check_only=True)  # refused before any network loads
   metrics = ImageMetrics.from_files(args.inception, args.clip, mesh=mesh, use_fid_inception=not args.torchvision_blocks)
   out = _claim(pathlib.Path(args.out), settings)
@@ -305,8 +305,9 @@ def evaluate(args) -> dict:
       acc.add(m)
       bar.update(len(idx))
 
-  report = {**acc.result(ref), "reference": _abs(args.ref_stats or args.ref_images), "settings": settings, "sampled_this_run": sum(
-      len(range(b * bs, min(num, (b + 1) * bs))) for b in todo), "seconds_this_run": round(time.perf_counter() - t0, 1)}
+  sampled = sum(len(range(b * bs, min(num, (b + 1) * bs))) for b in todo)
+  report = {**acc.result(ref), "reference": _abs(args.ref_stats or args.ref_images), "settings": settings,
+            "sampled_this_run": sampled, "seconds_this_run": round(time.perf_counter() - t0, 1)}
   _atomic_json(out / "report.json", report)
   if args.sheet:
     _write_sheet(out, min(args.sheet, num))

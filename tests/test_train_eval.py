@@ -2,8 +2,10 @@
 configured steps, the best checkpoint by the chosen metric, the config checks."""
 import json
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from pixart_jax.train.checkpoint import Checkpointer
 from pixart_jax.train.config_defaults import check_config
@@ -18,6 +20,10 @@ def _compile_cache(tmp_path_factory):
     yield
 
 
+def _param_sum(params) -> float:
+  return float(sum(np.asarray(x, np.float64).sum() for x in jax.tree.leaves(params)))
+
+
 def _eval_records(workdir):
   return [r for r in read_jsonl(workdir / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
 
@@ -28,10 +34,11 @@ _PLACEHOLDERS = {"eval.pipeline": "unused", "eval.inception": "unused.pth", "eva
 def test_eval_hook_runs_at_the_configured_steps_and_keeps_the_best(tmp_path):
   """The loop calls the evaluation every `eval.every` steps with the weights being trained, logs what it returns
   and keeps the best state by `eval.best_metric` (an injected EvalFn: the wiring, without networks)."""
-  calls = []
+  calls, sums = [], {}
 
   def fake_eval(params, step):
     calls.append(step)
+    sums[step] = _param_sum(params)
     return {"eval/fid": {2: 5.0, 4: 3.0, 6: 4.0}[step], "eval/clip_score": float(step)}
 
   wd = tmp_path / "run"
@@ -42,6 +49,12 @@ def test_eval_hook_runs_at_the_configured_steps_and_keeps_the_best(tmp_path):
   assert json.loads((wd / "best" / "best.json").read_text()) == {"metric": "fid", "value": 3.0, "step": 4}
   assert Checkpointer(wd / "best" / "checkpoints").all_steps() == [4]
   assert (wd / "tensorboard").is_dir()
+  # the best directory reads like a workdir and holds the weights evaluated at step 4, not the last ones
+  from pixart_jax.convert.ours import load_ours
+  from pixart_jax.train.loop import model_spec
+
+  best = _param_sum(nnx.state(load_ours(wd / "best", model_spec(smoke_config().model)), nnx.Param))
+  assert best == pytest.approx(sums[4], rel=1e-9) and best != pytest.approx(sums[6], rel=1e-9)
 
 
 def test_eval_config_is_checked():

@@ -100,10 +100,11 @@ def make_eval_fn(eval_cfg, spec: ModelSpec, graphdef, mesh, rules, caption_len: 
 
 
 class BestCheckpoint:
-  """The best state by `metric` so far, in `<dir>/checkpoints` (one kept; `convert.ours.load_ours(dir, spec)`
-  reads it like a workdir) with `<dir>/best.json` {"metric", "value", "step"}; a resumed run continues from it."""
+  """The best state by `metric` so far, in `<dir>/checkpoints` (one kept) with `<dir>/best.json` {"metric",
+  "value", "step"} and the run's `<dir>/config.json`, so `convert.ours.load_ours(dir, spec)` (or `init_from`)
+  reads it like a workdir; a resumed run continues from the recorded best."""
 
-  def __init__(self, directory: epath.Path, metric: str, *, primary: bool):
+  def __init__(self, directory: epath.Path, metric: str, *, primary: bool, config_json: str | None = None):
     from pixart_jax.train.checkpoint import Checkpointer
 
     if metric not in BEST_METRICS or not metric:
@@ -113,6 +114,8 @@ class BestCheckpoint:
     self.record = self.directory / "best.json"
     self.best: dict | None = json.loads(self.record.read_text()) if self.record.exists() else None
     self._ckpt = Checkpointer(self.directory / "checkpoints", keep=1)
+    if primary and config_json is not None:
+      (self.directory / "config.json").write_text(config_json)
 
   def better(self, value: float) -> bool:
     if self.best is None or self.best.get("metric") != self.metric:

@@ -17,9 +17,9 @@ Order of events (big_vision trainer shape):
   4. AOT: the one train step (`train.step.jit_train_step`, with the kind's frozen inputs and params function),
      one `lower().compile()` per bucket, `memory_analysis()` logged before step 1.
   5. Loop: step (at most `config.max_in_flight` dispatched ahead of the device: `train.in_flight`), metrics (JSONL +
-     TensorBoard on process 0), async checkpoints every `ckpt_every`, the sampling
-     hook, the evaluation hook (FID / CLIP score every `eval.every` steps, `train.eval_hook`; the best state by
-     `eval.best_metric` kept in `<workdir>/best/`), SIGTERM / preemption -> save at the current step and return; a non-finite loss raises
+     TensorBoard on process 0), async checkpoints every `ckpt_every`, the sampling hook, the evaluation hook (FID /
+     CLIP score every `eval.every` steps, `train.eval_hook`; the best state by `eval.best_metric` kept in
+     `<workdir>/best/`), SIGTERM / preemption -> save at the current step and return; a non-finite loss raises
      `NonFiniteLossError` naming the step without saving the bad state. At the end the kind exports what it
      produced beyond the checkpoints (LoRA: the adapters in `<workdir>/lora/`).
 """
@@ -275,7 +275,8 @@ def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = Non
                              pipeline=config.sample.pipeline)
     best = None
     if eval_fn is not None and eval_every and eval_cfg.best_metric:
-      best = BestCheckpoint(workdir / "best", eval_cfg.best_metric, primary=primary)
+      best = BestCheckpoint(workdir / "best", eval_cfg.best_metric, primary=primary,
+                            config_json=config.to_json_best_effort(indent=2))
     fn = make_train_step(graphdef=graphdef, tx=tx, lr_schedule=lr_schedule, cfg=step_cfg,
                          params_fn=trainable.params_fn)
     compiled, step_flops = {}, {}
