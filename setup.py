@@ -68,6 +68,7 @@ setup(
             "pixart-convert=pixart_jax.convert.__main__:run",
             "pixart-plan=pixart_jax.plan:run",
             "pixart-sweep=pixart_jax.sweep:run",
+            "pixart-evaluate=pixart_jax.evaluate:run",
         ]
     },
 )

@@ -79,7 +79,7 @@ def main() -> None:
   name = sys.argv[1]
   rows = json.load(sys.stdin)
   module = importlib.import_module(name)
-  run_row = _plan_row if name == "pixart_jax.plan" else _absl_row
+  run_row = _plan_row if name in ("pixart_jax.plan", "pixart_jax.evaluate") else _absl_row  # argparse entries
   results = []
   for argv in rows:
     rc, stderr = run_row(module, argv)

@@ -173,11 +173,23 @@ CLI_ROWS = [
     ("plan-grad-accum-0", "pixart_jax.plan", ["--preset", "tiny", "--mesh", "fsdp=8", "--grad-accum", "0"],
      "--grad-accum must be a positive integer"),
     ("plan-no-mesh", "pixart_jax.plan", ["--preset", "tiny"], "--mesh is required"),
+    # --- evaluate
+    ("evaluate-no-model", "pixart_jax.evaluate", ["--prompts", "{latin1}"], "--model is required"),
+    ("evaluate-latin1-prompts", "pixart_jax.evaluate",
+     ["--model", "{pipe}", "--prompts", "{latin1}", "--ref-stats", "{fake_pth}", "--inception", "x.pth", "--clip",
+      "y"], "not UTF-8 text (byte offset"),
+    ("evaluate-batch-0", "pixart_jax.evaluate",
+     ["--model", "{pipe}", "--prompts", "{latin1}", "--ref-stats", "r.npz", "--inception", "x.pth", "--clip", "y",
+      "--batch-size", "0"], "--batch-size must be a positive integer (>= 1), got 0"),
+    ("evaluate-stats-no-images", "pixart_jax.evaluate",
+     ["stats", "--images", "{empty}", "--inception", "{fake_pth}", "--out", "{tmp}/s.npz"], "holds no images"),
+    ("evaluate-stats-not-prepared", "pixart_jax.evaluate",
+     ["stats", "--prepared", "{empty}", "--inception", "{fake_pth}", "--out", "{tmp}/s.npz"], "not found: is"),
 ]
 assert len({r[0] for r in CLI_ROWS}) == len(CLI_ROWS)
 
 # A few rows as real commands (the one-line / exit 1 contract end to end).
-SUBPROCESS_ROWS = ["sample-steps-0", "plan-devices-0", "train-ckpt-every-0", "convert-shard-0"]
+SUBPROCESS_ROWS = ["sample-steps-0", "plan-devices-0", "train-ckpt-every-0", "convert-shard-0", "evaluate-batch-0"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -60,6 +60,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert 0.0 <= report[key] <= 1.0
   assert report["classifier_held_out_accuracy"] > 0.97
   assert np.isfinite(report["final_loss"])
+  for key in ("fid_digits_guided", "fid_digits_unguided", "fid_digits_real_subset"):  # tests/test_demo_fid.py
+    assert np.isfinite(report[key]) and report[key] > 0
   manifest = json.loads((work / "data" / "manifest.json").read_text())
   assert manifest["num_records"] == 1797
   assert manifest["buckets"]["1.00"]["latent_shape"] == [4, 4, 12]

@@ -37,7 +37,7 @@ from pixart_jax.convert.strict import Put, load_into
 from pixart_jax.metrics.inception import FIDInceptionV3, InceptionConfig
 from pixart_jax.parallel.sharding import LOGICAL_RULES
 
-__all__ = ["inception_keymap", "inception_drop", "load_inception"]
+__all__ = ["inception_keymap", "inception_drop", "load_inception", "inception_config_for"]
 
 _KEY = re.compile(r"(?P<module>Conv2d_\w+|Mixed_\d[a-e]\.branch\w+)\.(?P<layer>conv|bn)\.(?P<leaf>\w+)")
 _LEAVES = {("conv", "weight"): "kernel", ("bn", "weight"): "scale", ("bn", "bias"): "bias",
@@ -81,3 +81,16 @@ def load_inception(src: str | os.PathLike, *, config: InceptionConfig | None = N
   with open_tensors(local) as source:
     return load_into(abstract, source, inception_keymap, drop=inception_drop, mesh=mesh, rules=rules,
                      progress=progress)
+
+
+def inception_config_for(src: str | os.PathLike, *, use_fid_inception: bool = True) -> InceptionConfig:
+  """The InceptionConfig whose channel counts fit the weights in `src`: `width` = the output channels of
+  `Conv2d_1a_3x3` / 32 (1.0 for the released networks; tests save narrower random ones). The blocks (FID or
+  torchvision) cannot be told apart by their keys and come from `use_fid_inception`."""
+  local = resolve_local(src, allow_patterns=["*.pth", "*.pt", "*.safetensors"])
+  key = "Conv2d_1a_3x3.conv.weight"
+  with open_tensors(local) as source:
+    if key not in source:
+      raise ValueError(f"{src}: not an Inception3 state dict (no {key!r} among its {len(source)} tensors)")
+    channels = source.shape(key)[0]
+  return InceptionConfig(use_fid_inception=use_fid_inception, width=1.0 if channels == 32 else channels / 32)

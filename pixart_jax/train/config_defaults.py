@@ -25,6 +25,12 @@ Fields of the experiment (every recipe has all of them; `lock_config=True` makes
   steps, log_every, ckpt_every, keep   run length, logging and checkpoint cadence, checkpoints kept
   max_in_flight               train steps the host may dispatch ahead of the device (`train.in_flight`; >= 1)
   sample.*                    sampling grid every `sample.every` steps (0 = off)
+  eval.*                      FID / CLIP score every `eval.every` steps (0 = off; `train.eval_hook`): `num` images
+                              of the fixed `prompts` (cycled) with the EMA (`use_ema`) or current weights, the T5 and
+                              VAE of `pipeline` (default: sample.pipeline), Inception weights `inception`, reference
+                              statistics `ref_stats` (.npz from `python -m pixart_jax.evaluate stats`), optional CLIP
+                              model `clip`; the best checkpoint by `best_metric` (fid | clip_score | "" = none) is kept
+                              in `<workdir>/best/`
   init_from                   weights to start from when the workdir has no checkpoint: released weights (.pth,
                               diffusers dir, Hub id), an Orbax dir from `convert`, or another run's workdir
                               (weak-to-strong rules: new KV layers at average init, PE change, dropped micro-conds)
@@ -151,6 +157,15 @@ def base_config(*, preset: str, table: str | None, batch_size: int, warmup: int,
       every=0,                           # steps between sampling grids; 0 = off
       pipeline=config_dict.placeholder(str),  # pipeline dir / Hub id with text_encoder/, tokenizer/, vae/
       prompts=SAMPLE_PROMPTS, num_steps=14, guidance=4.5, sampler="dpm-solver", seed=0))
+  c.eval = mlc.ConfigDict(dict(
+      every=0,                           # steps between evaluations; 0 = off
+      pipeline=config_dict.placeholder(str),    # T5 + VAE (text_encoder/, tokenizer/, vae/); None = sample.pipeline
+      inception=config_dict.placeholder(str),   # pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+      ref_stats=config_dict.placeholder(str),   # reference FID statistics (.npz)
+      clip=config_dict.placeholder(str),        # transformers CLIPModel dir / Hub id; None = no CLIP score
+      prompts=SAMPLE_PROMPTS, num=32, batch_size=8, num_steps=14, guidance=4.5, sampler="dpm-solver", seed=0,
+      use_ema=True,                      # evaluate the EMA weights when the run keeps them
+      best_metric="fid"))                # fid (lower is better) | clip_score (higher) | "" (keep no best checkpoint)
   c.init_from = config_dict.placeholder(str)
   c.class_dropout_prob = 0.1
   # LoRA fine-tuning on the same trainer: rank None = off (full fine-tune). Targets are regexes over our paths.
@@ -206,14 +221,15 @@ def check_config(c: mlc.ConfigDict) -> None:
         fn(path, v, **kw)
 
   each(checks.positive, ("log_every", "ckpt_every", "keep", "grad_accum", "data.batch_size",
-                         "data.synthetic_examples", "sample.num_steps", "optimizer.base_batch"))
+                         "data.synthetic_examples", "sample.num_steps", "optimizer.base_batch", "eval.num",
+                         "eval.batch_size", "eval.num_steps"))
   # steps = 0 returns the state the run starts from, without training (weak-to-strong checks use it)
-  each(checks.non_negative, ("steps", "data.num_workers", "sample.every", "optimizer.warmup"))
-  each(checks.seed, ("seed", "sample.seed"))
+  each(checks.non_negative, ("steps", "data.num_workers", "sample.every", "optimizer.warmup", "eval.every"))
+  each(checks.seed, ("seed", "sample.seed", "eval.seed"))
   if get("data.shuffle_seed") not in (None, _ABSENT):
     checks.seed("data.shuffle_seed", get("data.shuffle_seed"))
   each(checks.finite, ("data.real_prompt_ratio", "class_dropout_prob"), low=0.0, high=1.0)
-  each(checks.finite, ("sample.guidance",))
+  each(checks.finite, ("sample.guidance", "eval.guidance"))
   if get("ema.rate") not in (None, _ABSENT):
     checks.finite("ema.rate", get("ema.rate"), low=0.0, high=1.0)
   if get("lora.rank") not in (None, _ABSENT):
@@ -229,6 +245,27 @@ def check_config(c: mlc.ConfigDict) -> None:
     OptimizerConfig.from_dict(c.optimizer)
   if get("sample.every") not in (0, _ABSENT) and not get("sample.prompts"):
     raise ValueError("sample.prompts is empty but sample.every is set: give prompts or set sample.every=0")
+  if get("eval.every") not in (0, _ABSENT):
+    _check_eval(c.eval, get("sample.pipeline"))
+
+
+def _check_eval(e, sample_pipeline) -> None:
+  """What an evaluation every `eval.every` steps needs (`train.eval_hook`)."""
+  from pixart_jax.train.eval_hook import BEST_METRICS
+
+  if not (e.pipeline or sample_pipeline not in (None, _ABSENT)):
+    raise ValueError("eval.every > 0 needs eval.pipeline (or sample.pipeline): a diffusers PixArt-Sigma pipeline dir "
+                     "or Hub id with text_encoder/, tokenizer/ and vae/")
+  for name, what in (("inception", "the FID Inception weights, pytorch-fid's pt_inception-2015-12-05-6726825d.pth"),
+                     ("ref_stats", "reference FID statistics (.npz from `python -m pixart_jax.evaluate stats`)")):
+    if not e[name]:
+      raise ValueError(f"eval.every > 0 needs eval.{name}: {what}")
+  if not e.prompts:
+    raise ValueError("eval.prompts is empty but eval.every is set: give prompts or set eval.every=0")
+  if e.best_metric not in BEST_METRICS:
+    raise ValueError(f"eval.best_metric={e.best_metric!r} is not one of {sorted(BEST_METRICS)}")
+  if e.best_metric == "clip_score" and not e.clip:
+    raise ValueError("eval.best_metric='clip_score' needs eval.clip (a transformers CLIPModel dir or Hub id)")
 
 
 _ABSENT = object()

@@ -17,8 +17,9 @@ Order of events (big_vision trainer shape):
   4. AOT: the one train step (`train.step.jit_train_step`, with the kind's frozen inputs and params function),
      one `lower().compile()` per bucket, `memory_analysis()` logged before step 1.
   5. Loop: step (at most `config.max_in_flight` dispatched ahead of the device: `train.in_flight`), metrics (JSONL +
-     TensorBoard on process 0), async checkpoints every `ckpt_every`, the sampling
-     hook, SIGTERM / preemption -> save at the current step and return; a non-finite loss raises
+     TensorBoard on process 0), async checkpoints every `ckpt_every`, the sampling hook, the evaluation hook (FID /
+     CLIP score every `eval.every` steps, `train.eval_hook`; the best state by `eval.best_metric` kept in
+     `<workdir>/best/`), SIGTERM / preemption -> save at the current step and return; a non-finite loss raises
      `NonFiniteLossError` naming the step without saving the bad state. At the end the kind exports what it
      produced beyond the checkpoints (LoRA: the adapters in `<workdir>/lora/`).
 """
@@ -50,6 +51,7 @@ from pixart_jax.train import state as state_lib
 from pixart_jax.train import trainables
 from pixart_jax.train.checkpoint import Checkpointer
 from pixart_jax.train.config_defaults import check_config
+from pixart_jax.train.eval_hook import BestCheckpoint, EvalFn, make_eval_fn
 from pixart_jax.train.in_flight import StepsInFlight
 from pixart_jax.train.metrics import MetricWriter, first_nonfinite
 from pixart_jax.train.optimizers import OptimizerConfig, make_optimizer
@@ -203,12 +205,17 @@ class _Run:
   ckpt: Checkpointer
   peak: float | None
   sample_fn: SampleFn | None
+  eval_fn: EvalFn | None
+  best: BestCheckpoint | None
   primary: bool
   in_flight: StepsInFlight
 
 
-def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = None) -> RunResult:
-  """Trains `config` in `workdir` (resuming from its checkpoints). See the module docstring."""
+def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = None,
+                       eval_fn: EvalFn | None = None) -> RunResult:
+  """Trains `config` in `workdir` (resuming from its checkpoints). See the module docstring.
+
+  sample_fn / eval_fn replace the hooks `sample.every` / `eval.every` would build (tests, custom metrics)."""
   check_config(config)  # bad numbers fail before the workdir is touched
   primary = jax.process_index() == 0
   # the trainer's own folder (a rerun resumes there); a folder holding anything else is refused before any write
@@ -262,6 +269,15 @@ def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = Non
 
     if sample_fn is None and config.sample.every:
       sample_fn = make_sample_fn(config.sample, spec, graphdef, mesh, rules, caption_len=null.shape[0])
+    eval_cfg = config.get("eval")
+    eval_every = eval_cfg.every if eval_cfg is not None else 0
+    if eval_fn is None and eval_every:
+      eval_fn = make_eval_fn(eval_cfg, spec, graphdef, mesh, rules, caption_len=null.shape[0],
+                             pipeline=config.sample.pipeline)
+    best = None
+    if eval_fn is not None and eval_every and eval_cfg.best_metric:
+      best = BestCheckpoint(workdir / "best", eval_cfg.best_metric, primary=primary,
+                            config_json=config.to_json_best_effort(indent=2))
     fn = make_train_step(graphdef=graphdef, tx=tx, lr_schedule=lr_schedule, cfg=step_cfg,
                          params_fn=trainable.params_fn, objective=trainable.objective)
     compiled, step_flops = {}, {}
@@ -278,7 +294,8 @@ def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = Non
 
     result = _run(_Run(config=config, workdir=workdir, state=state, iterator=iterator, compiled=compiled,
                        step_flops=step_flops, null=null, frozen=frozen, ckpt=ckpt, peak=peak, sample_fn=sample_fn,
-                       primary=primary, in_flight=in_flight))
+                       eval_fn=eval_fn if eval_every else None, best=best, primary=primary,
+                       in_flight=in_flight))
     if primary:
       exported = trainable.export(result.state, workdir)
       if exported is not None:
@@ -327,6 +344,17 @@ def _run(run: _Run) -> RunResult:
     pending.clear()
     window_start = time.perf_counter()
 
+  def evaluate(at: int) -> None:
+    """FID / CLIP score of the EMA (eval.use_ema) or current weights -> metrics; the best state is kept."""
+    nonlocal window_start
+    use_ema = config.eval.use_ema and state.ema is not None
+    scores = run.eval_fn(state.ema if use_ema else state.params, at)
+    writer.write_scalars(at, scores)
+    if run.best is not None:
+      run.best.update(at, scores, lambda best_ckpt: best_ckpt.save(
+          at, dataclasses.replace(state, ema=None), ema=state.ema, config=config_json))
+    window_start = time.perf_counter()  # step_time / throughput exclude the evaluation
+
   def save(at: int) -> None:
     nonlocal last_saved, window_start
     if at != last_saved and ckpt.save(at, dataclasses.replace(state, ema=None), ema=state.ema,
@@ -366,6 +394,8 @@ def _run(run: _Run) -> RunResult:
           images = run.sample_fn(state.ema if state.ema is not None else state.params, step)
           writer.write_images(step, images)
           window_start = time.perf_counter()
+        if run.eval_fn is not None and step % config.eval.every == 0:
+          evaluate(step)
       flush()
   finally:
     bar.close()
@@ -373,5 +403,7 @@ def _run(run: _Run) -> RunResult:
       iterator.close()
     ckpt.wait()
     ckpt.close()
+    if run.best is not None:
+      run.best.close()
     writer.close()
   return RunResult(state=state, step=step, preempted=preempted, last_metrics=last)
