@@ -207,7 +207,7 @@ def test_cli_dry_run_and_bad_inputs(tmp_path):
       (["--config", spec, "--workdir", str(work), "--trials", "0,5"],
        "error: --trials '0,5': '5' is outside the sweep's trials 0-2"),
       (["--config", spec, "--workdir", str(foreign)],
-       f"error: --workdir {foreign} already holds 1 entries this tool did not write"),
+       f"error: --workdir {foreign} already holds 1 entries sweep did not write"),
       (["--config", str(no_sweep), "--workdir", str(work)], f"error: --config {no_sweep} defines no get_sweep(arg)"),
       (["--config", spec, "--workdir", str(work), "--config.keep=0"],
        "error: trial 'lr=0.002': keep must be a positive integer"),
