@@ -87,7 +87,8 @@ class Pipeline:
   """PixArt-Sigma text-to-image on one device or a mesh."""
 
   def __init__(self, text_encoder: TextEncoder, transformer: PixArtSigma, vae: AutoencoderKL, *,
-               mesh: jax.sharding.Mesh | None = None, rules=LOGICAL_RULES):
+               mesh: jax.sharding.Mesh | None = None, rules=LOGICAL_RULES, controlnet=None):
+    """controlnet: a `models.controlnet.ControlBranch` on `transformer` (enables `control_image=`), or None."""
     cfg = transformer.cfg
     width = getattr(text_encoder, "hidden_size", None)
     if width is not None and width != cfg.caption_channels:
@@ -106,6 +107,15 @@ class Pipeline:
     self._vae_graph, self._vae_state = nnx.split(vae)
     self._denoise = jax.jit(self._denoise_traced, static_argnames=STATIC_ARGNAMES)
     self._decode = jax.jit(self._decode_impl, static_argnames=("height", "width"))
+    self.controlnet = None
+    if controlnet is not None:
+      from pixart_jax.models.controlnet import ControlPixArtSigma
+
+      if mesh is not None:
+        shard_model(controlnet, mesh, rules)
+      self.controlnet = ControlPixArtSigma(transformer, controlnet)
+      self._ctrl_graph, self._ctrl_state = nnx.split(self.controlnet)
+      self._encode_control = jax.jit(lambda state, x: nnx.merge(self._vae_graph, state).encode_scaled(x))
 
   # -----------------------------------------------------------------------------------------------------------
   @classmethod
@@ -113,7 +123,8 @@ class Pipeline:
                       vae_dtype=jnp.float32,
                       transformer: str | os.PathLike | None = None, transformer_config=None,
                       attention: AttentionOptions | str | None = None, mesh: jax.sharding.Mesh | None = None,
-                      rules=LOGICAL_RULES, progress: bool = False) -> "Pipeline":
+                      rules=LOGICAL_RULES, progress: bool = False, controlnet: str | os.PathLike | None = None
+                      ) -> "Pipeline":
     """src: a diffusers PixArt-Sigma pipeline directory or Hub id (transformer/, text_encoder/, tokenizer/, vae/).
 
     transformer: another source for the DiT (a .pth, an Orbax dir from `convert`, a transformer/ dir, a Hub id),
@@ -122,6 +133,8 @@ class Pipeline:
     text_dtype: compute dtype of T5 (default: `dtype`). vae_dtype: compute dtype of the VAE (float32 default).
     attention: how the DiT's attention runs (`AttentionOptions`, a backend name such as "splash", None: auto,
       i.e. splash on TPU, cuDNN on GPU for bf16/fp16, blockwise otherwise).
+    controlnet: official-layout ControlNet weights (`convert.controlnet_keys`): a branch file (`controlnet.*` keys,
+      as training exports it) attached to the DiT, or a whole ControlPixArtHalf checkpoint (its base replaces the DiT).
     """
     from pixart_jax.convert.dit import load_transformer
     from pixart_jax.convert.hub import resolve_local
@@ -132,12 +145,37 @@ class Pipeline:
                            attention=attention, mesh=mesh, rules=rules, progress=progress)
     text = TextEncoder.from_pretrained(local, dtype=text_dtype or dtype, mesh=mesh, rules=rules, progress=progress)
     vae = load_vae(local, dtype=vae_dtype)
-    return cls(text, dit, vae, mesh=mesh, rules=rules)
+    branch = None
+    if controlnet is not None:
+      from pixart_jax.convert.controlnet_keys import attach_controlnet
+
+      wrapped = attach_controlnet(controlnet, dit, mesh=mesh, rules=rules)
+      dit, branch = wrapped.base_model, wrapped.controlnet
+    return cls(text, dit, vae, mesh=mesh, rules=rules, controlnet=branch)
 
   # -----------------------------------------------------------------------------------------------------------
-  def _denoise_traced(self, state, latents, cond, uncond, scale, key, **static):
+  def _denoise_traced(self, state, latents, cond, uncond, scale, key, control=None, **static):
     self.num_traces += 1
-    return denoise(self._dit_graph, state, latents, cond, uncond, scale, key, **static)
+    graph = self._dit_graph if control is None else self._ctrl_graph
+    return denoise(graph, state, latents, cond, uncond, scale, key, control=control, **static)
+
+  def control_latents(self, control_image, batch: int, height: int, width: int) -> jax.Array:
+    """Control image(s) -> (batch, height/f, width/f, C) diffusion-space latents (the VAE posterior mean).
+
+    control_image: one image or `batch` images, uint8 (H W 3) / (B H W 3) or a PIL image, resized to cover
+    height x width and center-cropped (as the official ControlNet inference script does)."""
+    from pixart_jax.images import resize_cover_uint8
+
+    arr = np.asarray(control_image)
+    if arr.ndim == 3:
+      arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+      raise ValueError(f"control_image must be uint8 RGB (H, W, 3) or (B, H, W, 3), got {arr.dtype} {arr.shape}")
+    if arr.shape[0] not in (1, batch):
+      raise ValueError(f"control_image holds {arr.shape[0]} images for {batch} prompts: give 1 or {batch}")
+    x = np.stack([resize_cover_uint8(a, height, width) for a in arr]).astype(np.float32) / 127.5 - 1.0
+    lat = self._encode_control(self._vae_state, jnp.asarray(x))
+    return jnp.broadcast_to(lat, (batch, *lat.shape[1:])).astype(jnp.float32)
 
   def _decode_impl(self, state, z, *, height, width):
     vae = nnx.merge(self._vae_graph, state)
@@ -177,7 +215,8 @@ class Pipeline:
                guidance_scale: float = 4.5, sampler: str = "dpm-solver", seed: int = 0,
                latents: np.ndarray | jax.Array | None = None, use_resolution_binning: bool = True,
                guidance_mode: str = "diffusers", text_preprocessing: str = "lower",
-               vae_tile_latent: int | None = None, output: str = "uint8", timings: dict | None = None):
+               vae_tile_latent: int | None = None, output: str = "uint8", timings: dict | None = None,
+               control_image=None, control_scale: float = 1.0):
     """Generates images.
 
     prompts: one string or B strings; negative_prompt: one string or B strings.
@@ -185,6 +224,8 @@ class Pipeline:
     vae_tile_latent: decode in overlapping tiles of this latent size (auto: tiles of 128 above 2048 px).
     output: "uint8" -> numpy (B, H, W, 3) uint8; "float" -> jax (B, H, W, 3) in [-1, 1].
     timings: if a dict is given, it receives seconds for encode / denoise / decode.
+    control_image: the ControlNet's control image(s) (`control_latents`; needs `controlnet=`), control_scale: the
+      weight of the branch's outputs (1 = the official ControlNet; a traced value: changing it does not recompile).
     """
     t_start = time.perf_counter()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -209,6 +250,13 @@ class Pipeline:
     if latents.shape != (b, *lat_shape):
       raise ValueError(f"latents must have shape {(b, *lat_shape)} (NHWC at the {sh}x{sw} sample size), "
                        f"got {latents.shape}")
+    control = None
+    if control_image is not None:
+      if self.controlnet is None:
+        raise ValueError("control_image needs a ControlNet: Pipeline(..., controlnet=BRANCH) or "
+                         "Pipeline.from_pretrained(..., controlnet=PATH)")
+      checks.finite("control_scale", control_scale)
+      control = (self.control_latents(control_image, b, sh, sw), jnp.float32(control_scale))
     use_cfg = guidance_scale > 1.0
     cond_emb, cond_mask = self.encode(prompts, text_preprocessing)
     if use_cfg:
@@ -218,10 +266,14 @@ class Pipeline:
     args = (latents, (cond_emb, cond_mask), (un_emb, un_mask) if use_cfg else None)
     if self.mesh is not None:  # every batch array over the batch axes (replicated where the batch does not split)
       args = jax.device_put(args, batch_sharding(self.mesh, self.rules, (b,)))
+      if control is not None:
+        control = (jax.device_put(control[0], batch_sharding(self.mesh, self.rules, (b,))), control[1])
+    extra = {} if control is None else {"control": control}
+    dit_state = self._dit_state if control is None else self._ctrl_state
     ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
     with ctx:
-      x0 = self._denoise(self._dit_state, *args, jnp.float32(guidance_scale), jax.random.key(seed),
-                         sampler=sampler, steps=steps, mode=guidance_mode)
+      x0 = self._denoise(dit_state, *args, jnp.float32(guidance_scale), jax.random.key(seed),
+                         sampler=sampler, steps=steps, mode=guidance_mode, **extra)
       x0 = jax.block_until_ready(x0)
       t_den = time.perf_counter()
       tile = vae_tile_latent or (128 if max(sh, sw) > 2048 else None)

@@ -41,6 +41,11 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "DiT and T5 comp
 flags.DEFINE_string("out", "samples", "Output directory.")
 flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache directory.")
 flags.DEFINE_boolean("no_binning", False, "Sample exactly at --size (must be a multiple of 16).")
+flags.DEFINE_string("control", None, "A control image (PNG/JPEG) for the ControlNet given by --controlnet; every "
+                    "prompt is sampled under it.")
+flags.DEFINE_string("controlnet", None, "ControlNet weights in the official PixArt ControlNet-Half layout: a branch "
+                    "file (`controlnet.*` keys, as training exports it) or a whole ControlPixArtHalf checkpoint.")
+flags.DEFINE_float("control_scale", 1.0, "Weight of the ControlNet branch (1 = the official ControlNet).")
 
 
 def read_prompts_file(path: str) -> list[str]:
@@ -88,6 +93,25 @@ def _check_flags() -> None:
   checks.positive("--steps", FLAGS.steps, allow_none=True)
   checks.finite("--guidance", FLAGS.guidance)
   checks.seed("--seed", FLAGS.seed)
+  checks.finite("--control_scale", FLAGS.control_scale)
+  if (FLAGS.control is None) != (FLAGS.controlnet is None):
+    raise ValueError("--control IMAGE and --controlnet WEIGHTS go together: give both or neither")
+  for flag in ("control", "controlnet"):
+    value = getattr(FLAGS, flag)
+    if value is not None and not os.path.exists(value):
+      raise ValueError(f"--{flag} {value}: no such file")
+
+
+def _control_image():
+  """The --control image as (H W 3) uint8, or None; a file that is no image fails with one line naming it."""
+  if FLAGS.control is None:
+    return None
+  from pixart_jax.data.image_io import SkipExample, decode_image
+
+  try:
+    return decode_image(FLAGS.control)
+  except SkipExample as e:
+    raise ValueError(f"--control {FLAGS.control}: not a readable image ({e})") from None
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -113,8 +137,11 @@ def main(argv):
   last_seed = FLAGS.seed + (len(prompts) - 1) // FLAGS.batch_size
   checks.seed("--seed + the number of batches - 1 (the last batch's seed)", last_seed)
   dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+  control_image = _control_image()
+  control = {} if control_image is None else {"control_image": control_image, "control_scale": FLAGS.control_scale}
   t0 = time.perf_counter()
-  pipe = pj.Pipeline.from_pretrained(FLAGS.model, transformer=FLAGS.transformer, dtype=dtype, progress=True)
+  pipe = pj.Pipeline.from_pretrained(FLAGS.model, transformer=FLAGS.transformer, dtype=dtype, progress=True,
+                                     controlnet=FLAGS.controlnet)
   logging.info("loaded models in %.1fs", time.perf_counter() - t0)
   out = pathlib.Path(FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +155,8 @@ def main(argv):
       bar.set_description(f"batch {start // FLAGS.batch_size}: encode+sample")
       images = pipe(batch, negative_prompt=FLAGS.negative, height=height, width=width, steps=FLAGS.steps,
                     guidance_scale=FLAGS.guidance, sampler=FLAGS.sampler, seed=seed,
-                    guidance_mode=FLAGS.guidance_mode, use_resolution_binning=not FLAGS.no_binning, timings=timings)
+                    guidance_mode=FLAGS.guidance_mode, use_resolution_binning=not FLAGS.no_binning, timings=timings,
+                    **control)
       compiled = pipe.num_traces > first
       bar.set_postfix(compile_and_sample=f"{timings['denoise']:.1f}s" if compiled else None,
                       sample=None if compiled else f"{timings['denoise']:.1f}s", decode=f"{timings['decode']:.1f}s")
@@ -137,6 +165,8 @@ def main(argv):
                 "sampler": FLAGS.sampler, "steps": FLAGS.steps or "default", "guidance_scale": FLAGS.guidance,
                 "guidance_mode": FLAGS.guidance_mode, "size": f"{img.shape[1]}x{img.shape[0]}",
                 "model": FLAGS.model, "transformer": FLAGS.transformer or "", "software": "pixart_jax"}
+        if control:
+          meta.update(control=FLAGS.control, controlnet=FLAGS.controlnet, control_scale=FLAGS.control_scale)
         path = out / f"{start + i:04d}_{_slug(prompt)}.png"
         save_png(img, path, meta)
         written.append(path)

@@ -118,6 +118,18 @@ def load_controlnet(src: str | os.PathLike, *, base: PixArtSigma | None = None, 
                      rules=rules)
 
 
+def attach_controlnet(src: str | os.PathLike, base: PixArtSigma, *, mesh: jax.sharding.Mesh | None = None,
+                      rules=LOGICAL_RULES) -> ControlPixArtSigma:
+  """ControlNet weights for `base`: a branch file attaches to `base`; a whole checkpoint (base keys too) loads with
+  `base`'s architecture and dtypes and brings its own base."""
+  with open_tensors(src) as source:
+    whole = any(not k.startswith("controlnet.") for k in source.keys())
+  if not whole:
+    return load_controlnet(src, base=base, mesh=mesh, rules=rules)
+  pdt = jax.tree.leaves(nnx.state(base, nnx.Param))[0].dtype
+  return load_controlnet(src, config=base.cfg, dtype=base.dtype, param_dtype=pdt, mesh=mesh, rules=rules)
+
+
 def _official_block_tensors(cfg: DiTConfig, flat: dict[tuple, np.ndarray], i: int, prefix: str
                             ) -> Iterator[tuple[str, np.ndarray]]:
   """Control block i of `flat` (our branch paths, no "controlnet" prefix) as official block keys."""
