@@ -29,6 +29,7 @@ Fields of the experiment (every recipe has all of them; `lock_config=True` makes
                               diffusers dir, Hub id), an Orbax dir from `convert`, or another run's workdir
                               (weak-to-strong rules: new KV layers at average init, PE change, dropped micro-conds)
   lora.*                      rank (None = full fine-tune), alpha, targets, rslora: train adapters only
+  controlnet.blocks           copied blocks of a ControlNet branch (None = off): train the branch only
   class_dropout_prob          caption dropout for classifier-free guidance (0.1)
 """
 from __future__ import annotations
@@ -154,6 +155,9 @@ def base_config(*, preset: str, table: str | None, batch_size: int, warmup: int,
   c.lora = mlc.ConfigDict(dict(rank=config_dict.placeholder(int), alpha=16.0,
                                targets=(r".*\.attn\.(q|k|v|out)\.kernel", r".*\.cross_attn\.(q|k|v|out)\.kernel"),
                                rslora=False))
+  # ControlNet (ControlNet-Half) on the frozen init_from model: blocks None = off. The data must carry a control
+  # latent per example (`prepare --control canny|blur|image`); only the branch is trained and checkpointed.
+  c.controlnet = mlc.ConfigDict(dict(blocks=config_dict.placeholder(int)))
   return c
 
 
@@ -213,6 +217,8 @@ def check_config(c: mlc.ConfigDict) -> None:
   if get("lora.rank") not in (None, _ABSENT):
     checks.positive("lora.rank", get("lora.rank"))
     checks.finite("lora.alpha", get("lora.alpha"), low=0.0, low_open=True)
+  if get("controlnet.blocks") not in (None, _ABSENT):
+    checks.positive("controlnet.blocks", get("controlnet.blocks"))
   if get("optimizer") is not _ABSENT:
     from pixart_jax.train.optimizers import OptimizerConfig
 

@@ -58,6 +58,7 @@ class Trainable(abc.ABC):
 
   label: str = ""  # named after a restored checkpoint in the log ("checkpoint 3 (LoRA)"); "" for full fine-tuning
   params_fn: Callable[[Any, Any], Any] | None = None  # (trained params, frozen) -> the model's nnx.State of Params
+  model_inputs: tuple[str, ...] = ()  # batch keys the model takes as keyword inputs (ControlNet: "control")
 
   def __init__(self, config, spec: ModelSpec):
     self.config, self.spec = config, spec
@@ -75,6 +76,11 @@ class Trainable(abc.ABC):
   def start(self, ctx: Context, build: BuildFn, shardings, init_key: jax.Array,
             train_rng: jax.Array) -> tuple[state_lib.TrainState, str]:
     """(step-0 state, where it came from) when the workdir has no checkpoint."""
+
+  def graphdef(self) -> nnx.GraphDef:
+    """The graphdef the step merges the params function's output into (the DiT's; a kind that wraps the DiT,
+    e.g. ControlNet, gives its wrapper's)."""
+    return self.spec.split()[0]
 
   def frozen(self) -> tuple[Any, Any]:
     """(frozen inputs of the step, their shardings); call after `initial_state`."""
