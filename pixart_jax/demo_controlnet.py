@@ -21,7 +21,7 @@ import numpy as np
 
 BLUR_SIGMA = 1.0  # pixels of the 8x8 image: the control keeps the digit's coarse shape, not its strokes
 BLOCKS = 2  # copied blocks of the 4-block demo model
-DEMO_STEPS = 600  # training steps of the measured run (batch 64)
+DEMO_STEPS = 500  # training steps of the measured run (batch 64): 400 -> 95.6 %, 600 -> 97.1 % held out
 
 
 def split(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

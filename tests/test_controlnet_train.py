@@ -10,14 +10,17 @@ from flax import nnx
 
 from pixart_jax import demo, demo_controlnet
 from pixart_jax.convert.controlnet_keys import load_controlnet
+from pixart_jax.convert.orbax_io import save_transformer_orbax
 from pixart_jax.train import trainables
 from pixart_jax.train.loop import model_spec, train_and_evaluate
 from pixart_jax.train.trainables.controlnet import EXPORT, ControlNetTrainable
+from train_testlib import fast_compiles
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """A 2-step base demo model on 64 digits, then 3 ControlNet steps on it (blurred-digit controls)."""
+  """A random demo-sized base model (saved like a converted checkpoint), then 3 ControlNet steps on it with
+  blurred-digit controls of 64 digits."""
   work = tmp_path_factory.mktemp("cn")
   enc = demo.build_encoders(work, 0)
 
@@ -25,16 +28,22 @@ def runs(tmp_path_factory):
     workdir, encoders, report = work, enc, {"seed": 0}
 
   data = demo_controlnet.prepare_control_data(Trained, work / "data", np.arange(64))
-  base_cfg = demo.train_config(str(data), steps=2, batch=16, seed=0)
-  train_and_evaluate(base_cfg, str(work / "train"))
+  spec = model_spec(demo.train_config(str(data), steps=1, batch=16, seed=0).model)
+  base = spec.build(nnx.Rngs(5))
+  for _, v in nnx.to_flat_state(nnx.state(base, nnx.Param)):  # no zero-init layers (they would block gradients)
+    x = v.get_value()
+    v.set_value(x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype))
+  base_dir = save_transformer_orbax(base, work / "base")
   cfg = demo_controlnet.train_config(Trained, data, steps=3, batch=16)
-  result = train_and_evaluate(cfg, str(work / "cn"))
-  return work, Trained, data, cfg, result
+  cfg.init_from = str(base_dir)
+  with fast_compiles(work / "xla_cache"):
+    result = train_and_evaluate(cfg, str(work / "cn"))
+  return work, Trained, data, cfg, result, base
 
 
-@pytest.mark.slow  # two tiny training runs (compiles dominate): ~1 min on 2 cores
+@pytest.mark.slow  # a tiny training run and its resumption (compiles dominate)
 def test_only_the_branch_trains_and_is_checkpointed(runs):
-  work, _, _, cfg, result = runs
+  work, _, _, cfg, result, base = runs
   params = nnx.to_flat_state(result.state.params)
   assert {p[0] for p, _ in params} == {"blocks", "before_proj", "after_proj"}  # no base weight in the state
   after = np.asarray(result.state.params["after_proj"][1]["kernel"][...])
@@ -42,9 +51,6 @@ def test_only_the_branch_trains_and_is_checkpointed(runs):
   saved = json.loads((work / "cn" / "config.json").read_text())
   assert saved["controlnet"]["blocks"] == 2 and saved["class_dropout_prob"] == 1.0
   # the exported branch loads strictly onto the (unchanged) base and equals the trained params
-  from pixart_jax.convert.ours import load_ours
-
-  base = load_ours(work / "train", model_spec(cfg.model))
   model = load_controlnet(work / "cn" / EXPORT, base=base)
   for (p, v), (q, w) in zip(nnx.to_flat_state(nnx.state(model.controlnet, nnx.Param)), params):
     assert p == q
@@ -53,9 +59,9 @@ def test_only_the_branch_trains_and_is_checkpointed(runs):
 
 @pytest.mark.slow
 def test_resumes_from_the_branch_checkpoint_and_refuses_bad_setups(runs, caplog):
-  work, trained, data, cfg, result = runs
+  work, trained, data, cfg, result, _ = runs
   cfg.steps = 4
-  with caplog.at_level("INFO", logger="pixart_jax"):
+  with caplog.at_level("INFO", logger="pixart_jax"), fast_compiles(work / "xla_cache"):
     again = train_and_evaluate(cfg, str(work / "cn"))
   assert again.step == 4 and "checkpoint 3 (ControlNet)" in caplog.text
   assert isinstance(trainables.select(cfg, model_spec(cfg.model)), ControlNetTrainable)
@@ -73,7 +79,7 @@ def test_resumes_from_the_branch_checkpoint_and_refuses_bad_setups(runs, caplog)
   from pixart_jax.data.sources import Subset
   prepare(Subset(demo_data.DigitsSource(), list(range(16))), trained.encoders, str(work / "plain"), progress=False,
           options=PrepareOptions(table={"1.00": (8, 8)}, min_side=8, resample="nearest", batch_size=16))
-  plain.init_from, plain.controlnet.blocks = str(work / "train"), 2
+  plain.init_from, plain.controlnet.blocks = cfg.init_from, 2
   with pytest.raises(ValueError, match="has no control per example"):
     train_and_evaluate(plain, str(work / "cn_plain"))
 
