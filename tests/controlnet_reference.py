@@ -46,8 +46,10 @@ def make_controlnet(ref, copy_blocks_num: int, *, seed: int = 7) -> nn.ModuleLis
   return ctrl.eval()
 
 
-def control_forward(ref, ctrl: nn.ModuleList, x_nhwc, t, y, mask, c_nhwc) -> np.ndarray:
-  """`ControlPixArtHalf.forward(x, t, y, mask, c=c)` (its loop over base blocks and control blocks); NHWC in/out."""
+def control_forward(ref, ctrl: nn.ModuleList, x_nhwc, t, y, mask, c_nhwc, resolution=None,
+                    aspect_ratio=None) -> np.ndarray:
+  """`ControlPixArtHalf.forward(x, t, y, mask, c=c)` (its loop over base blocks and control blocks); with
+  resolution / aspect_ratio the micro-conditioned `ControlPixArtMSHalf.forward`. NHWC in/out."""
   to_nchw = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 3, 1, 2)))
   x, c = to_nchw(x_nhwc), to_nchw(c_nhwc)
   b, _, hh, ww = x.shape
@@ -56,8 +58,11 @@ def control_forward(ref, ctrl: nn.ModuleList, x_nhwc, t, y, mask, c_nhwc) -> np.
   with torch.no_grad():
     c = ref.pos_embed(c)  # forward_c: x_embedder(c) + pos_embed
     x = ref.pos_embed(x)
-    t0, emb_t = ref.adaln_single(torch.from_numpy(t), {"resolution": None, "aspect_ratio": None}, batch_size=b,
-                                 hidden_dtype=x.dtype)
+    added = {"resolution": None, "aspect_ratio": None}
+    if resolution is not None:
+      added = {"resolution": torch.from_numpy(np.asarray(resolution, np.float32)),
+               "aspect_ratio": torch.from_numpy(np.asarray(aspect_ratio, np.float32))}
+    t0, emb_t = ref.adaln_single(torch.from_numpy(t), added, batch_size=b, hidden_dtype=x.dtype)
     enc = ref.caption_projection(torch.from_numpy(y)).view(b, -1, x.shape[-1])
     bias = ((1 - torch.from_numpy(mask).to(x.dtype)) * -10000.0).unsqueeze(1)
     kw = dict(attention_mask=None, encoder_hidden_states=enc, encoder_attention_mask=bias, timestep=t0)

@@ -112,3 +112,17 @@ def test_fresh_branch_is_the_base_and_copies_its_blocks(tmp_path, ref):
   with pytest.raises(ValueError, match="control latent has shape"):
     model(x, t, y, mask, control=c[:, :4])
   assert isinstance(model, ControlPixArtSigma)
+
+
+def test_micro_conditioned_base_matches_official_ms_controlnet(tmp_path):
+  """ControlPixArtMSHalf: the base's csize / aspect-ratio embeddings enter t0 of base and control blocks alike."""
+  ref = tiny_diffusers_transformer(layers=3, heads=3, head_dim=8, micro=True)
+  ctrl = make_controlnet(ref, 2)
+  base = dit_convert.load_transformer(_saved(ref, tmp_path))
+  torch.save(official_controlnet_state_dict(ctrl), tmp_path / "ms.pth")
+  model = controlnet_keys.load_controlnet(tmp_path / "ms.pth", base=base)
+  x, t, y, mask, c = _inputs(3)
+  kw = dict(resolution=np.array([[512.0, 768.0], [1024, 1024]], np.float32),
+            aspect_ratio=np.array([[1.5], [1.0]], np.float32))
+  want = control_forward(ref, ctrl, x, t, y, mask, c, **kw)
+  assert rel_err(np.asarray(model(x, t, y, mask, control=c, **kw)), want) <= 1e-5

@@ -84,13 +84,14 @@ def official_drop(key: str) -> bool:
 
 
 def load_controlnet(src: str | os.PathLike, *, base: PixArtSigma | None = None, config: DiTConfig | None = None,
-                    dtype=None, param_dtype=None, mesh: jax.sharding.Mesh | None = None,
+                    dtype=None, param_dtype=None, attention=None, mesh: jax.sharding.Mesh | None = None,
                     rules=LOGICAL_RULES) -> ControlPixArtSigma:
   """Loads an official-layout ControlNet checkpoint (.pth / .safetensors / a folder of them), strictly.
 
   base: the loaded PixArt-Sigma the branch attaches to; the file must then hold only `controlnet.*` keys (the
     branch, as `export_controlnet` writes it). Without base the file must hold the base keys too and `config`
-    names the architecture. Every key is used (the PE buffer and the null caption are dropped), every weight filled.
+    names the architecture (dtype / param_dtype / attention: how it runs, `models.spec.ModelSpec`). Every key is
+    used (the PE buffer and the null caption are dropped), every weight filled.
   """
   with open_tensors(src) as source:
     keys = list(source.keys())
@@ -108,7 +109,8 @@ def load_controlnet(src: str | os.PathLike, *, base: PixArtSigma | None = None, 
       return ControlPixArtSigma(base, branch)
     if config is None:
       raise ValueError(f"{src} holds a whole ControlNet model: pass config= (its DiTConfig)")
-    spec = ModelSpec(config, dtype=dtype or jnp.float32, param_dtype=param_dtype or jnp.float32)
+    spec = ModelSpec(config, dtype=dtype or jnp.float32, param_dtype=param_dtype or jnp.float32,
+                     attention=attention)
 
     def build():
       b = spec.build(nnx.Rngs(0))
@@ -127,7 +129,8 @@ def attach_controlnet(src: str | os.PathLike, base: PixArtSigma, *, mesh: jax.sh
   if not whole:
     return load_controlnet(src, base=base, mesh=mesh, rules=rules)
   pdt = jax.tree.leaves(nnx.state(base, nnx.Param))[0].dtype
-  return load_controlnet(src, config=base.cfg, dtype=base.dtype, param_dtype=pdt, mesh=mesh, rules=rules)
+  return load_controlnet(src, config=base.cfg, dtype=base.dtype, param_dtype=pdt, attention=base.attention,
+                         mesh=mesh, rules=rules)
 
 
 def _official_block_tensors(cfg: DiTConfig, flat: dict[tuple, np.ndarray], i: int, prefix: str
