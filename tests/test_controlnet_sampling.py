@@ -93,3 +93,14 @@ def test_sample_cli_control(tiny, tmp_path):
   r = subprocess.run(cmd + ["--control", str(tmp_path / "junk.png"), "--controlnet", str(weights)],
                      capture_output=True, text=True, env=env, timeout=600)
   assert r.returncode == 1 and "junk.png: not a readable image" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sharded_control_sampling_equals_one_device(tiny):
+  from pixart_jax.parallel.mesh import make_mesh
+
+  path, weights, _, pipe, img = tiny
+  sharded = pj.Pipeline.from_pretrained(path, dtype=np.float32, mesh=make_mesh([("data", 4), ("fsdp", 2)]),
+                                        controlnet=weights)
+  prompts = ["a cat", "a dog", "a car", "a tree"]
+  kw = dict(height=256, width=256, steps=3, guidance_scale=3.0, seed=3, output="float", control_image=img)
+  np.testing.assert_allclose(np.asarray(sharded(prompts, **kw)), np.asarray(pipe(prompts, **kw)), atol=1e-4)

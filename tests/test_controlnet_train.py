@@ -98,3 +98,15 @@ def test_demo_controlnet_follows_the_control(trained_demo, tmp_path):
   assert train_s < 300, train_s
   assert report["controlnet_adherence"] >= 0.9, report["controlnet_adherence"]
   assert report["base_adherence"] <= 0.3, report["base_adherence"]  # the empty caption alone: ~10 %
+
+
+def test_config_refuses_a_bad_block_count():
+  from pixart_jax.train.config_defaults import check_config
+
+  c = demo.train_config("/nowhere", steps=1, batch=16, seed=0)
+  c.controlnet.blocks = 0
+  with pytest.raises(ValueError, match="controlnet.blocks must be a positive integer"):
+    check_config(c)
+  c.controlnet.blocks = None
+  check_config(c)
+  assert not ControlNetTrainable.wanted(c)
