@@ -23,7 +23,12 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "scikit-learn>=1.4",    # the embedded demo's dataset and classifier
     "scipy>=1.11",          # FID: the matrix square root of pytorch-fid's Frechet distance
+    "matplotlib>=3.8",      # sweeps: the loss-curve plot (sweep.png)
 ]
+
+# `prepare --source tfds:NAME[:SPLIT]` reads TFDS datasets in array_record format with tensorflow-datasets alone:
+# neither reading nor building such a dataset (tests/tfds_tiny_builder.py) needs TensorFlow.
+TFDS = ["tensorflow-datasets>=4.9.9"]
 
 EXTRAS = {
     # PyTorch references for the parity tests. Pin torch: an unpinned torch pulls a CUDA build.
@@ -38,7 +43,9 @@ EXTRAS = {
         "nbclient>=0.10",
         "nbformat>=5.10",
         "ipykernel>=6.29",
+        *TFDS,                # tests/test_tfds_source.py builds and reads a TFDS dataset
     ],
+    "tfds": TFDS,
     "tpu": ["jax[tpu]>=0.10.2", "gcsfs>=2024.6"],
     "gpu": ["jax[cuda12]>=0.10.2"],
 }
@@ -54,11 +61,13 @@ setup(
     entry_points={
         "console_scripts": [
             "pixart-demo=pixart_jax.demo:run",
+            "pixart-demo-edit=pixart_jax.demo_edit:run",
             "pixart-prepare=pixart_jax.prepare:run",
             "pixart-train=pixart_jax.train.__main__:run",
             "pixart-sample=pixart_jax.sample:run",
             "pixart-convert=pixart_jax.convert.__main__:run",
             "pixart-plan=pixart_jax.plan:run",
+            "pixart-sweep=pixart_jax.sweep:run",
         ]
     },
 )

@@ -12,7 +12,11 @@ From your own 256 px checkpoint (exported or converted) instead of the released 
   ... --config.init_from /path/to/transformer_dir
 CPU smoke run:
   python -m pixart_jax.train --config configs/pixart_sigma_512_ms.py:smoke --workdir /tmp/sigma512_smoke
+Sweep (lr x warmup, 6 trials, see `get_sweep`; on Cloud TPU: launch/sweep.sh):
+  python -m pixart_jax.sweep --config configs/pixart_sigma_512_ms.py --workdir gs://BUCKET/sweeps/sigma512 \
+      --config.data.dir gs://BUCKET/data/sigma512 --config.steps 2000
 """
+from pixart_jax import sweeps
 from pixart_jax.train import config_defaults as common
 
 
@@ -25,3 +29,11 @@ def get_config(arg=None):
     common.smoke(c)
     c.init_from = None
   return c
+
+
+def get_sweep(arg=None):
+  """The 512 px fine-tune's learning rate (around the paper's 2e-5 at batch 256, before `auto_lr` scaling) x
+  warmup: 6 trials."""
+  del arg  # the same trials for the full and the smoke config
+  return sweeps.product(sweeps.values("optimizer.lr", [1e-5, 2e-5, 4e-5]),
+                        sweeps.values("optimizer.warmup", [500, 1000]))

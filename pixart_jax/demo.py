@@ -24,6 +24,9 @@ from typing import Any
 
 from absl import app, flags
 
+# The run's shapes and config (in their own module: config files import them without this module's flags)
+from pixart_jax.demo_config import CAPTION_TOKENS, DOWNSAMPLE, T5_WIDTH, latent_size, train_config  # noqa: F401
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdir_demo", "Output directory (dataset, checkpoints, samples, report).")
 flags.DEFINE_integer("steps", 4000, "Training steps.")
@@ -32,9 +35,6 @@ flags.DEFINE_float("guidance", 4.5, "Guidance scale of the guided samples (PixAr
 flags.DEFINE_integer("per_digit", 10, "Samples per digit.")
 flags.DEFINE_integer("seed", 0, "Seed of the run.")
 
-DOWNSAMPLE = 2  # space-to-depth factor of the pixel autoencoder: 8x8x3 image <-> 4x4x12 latent
-CAPTION_TOKENS = 16  # the demo captions are short: keep 16 T5 positions instead of 300 (the model is length-agnostic)
-T5_WIDTH = 128
 FEATURE_GAIN = 3.0  # caption features reach the projection GELU at std ~3 (see DemoTextEncoder)
 
 
@@ -91,33 +91,6 @@ def prepare_dataset(work: pathlib.Path, seed: int, *, progress: bool = True):
       table={"1.00": (demo_data.IMAGE_SIZE, demo_data.IMAGE_SIZE)}, shard_size=600, batch_size=300, min_side=8,
       resample="nearest", num_threads=2), source_id="demo:digits", progress=progress)
   return enc
-
-
-def latent_size() -> int:
-  from pixart_jax.data.demo import IMAGE_SIZE
-
-  return IMAGE_SIZE // DOWNSAMPLE
-
-
-def train_config(data_dir: str, *, steps: int, batch: int, seed: int):
-  """The tiny PixArt: 4 blocks of width 96 over the 4x4 latent grid (patch 1: 16 tokens of 12 channels)."""
-  from pixart_jax.data.demo import IMAGE_SIZE
-  from pixart_jax.train.config_defaults import base_config
-
-  c = base_config(preset="tiny", table=None, batch_size=batch, warmup=100, lr=5e-4)
-  c.seed = seed
-  o = c.model.overrides
-  o.depth, o.hidden_size, o.num_heads, o.patch_size = 4, 96, 4, 1
-  o.in_channels, o.caption_channels, o.sample_size = 3 * DOWNSAMPLE**2, T5_WIDTH, latent_size()
-  o.max_caption_len, o.interpolation_scale, o.image_size = CAPTION_TOKENS, 1.0, IMAGE_SIZE
-  c.model.dtype, c.model.remat = "float32", "none"
-  c.mesh = (("data", -1),)
-  c.data.dir = data_dir
-  c.optimizer.name, c.optimizer.auto_lr, c.optimizer.clip = "adamw", "none", 1.0
-  c.optimizer.betas, c.optimizer.eps, c.optimizer.weight_decay = (0.9, 0.999), (1e-8,), 0.0
-  c.ema.rate = 0.995
-  c.steps, c.log_every, c.ckpt_every, c.keep = steps, 250, steps, 1
-  return c
 
 
 @dataclasses.dataclass
@@ -219,8 +192,9 @@ def main(argv):
   _check_flags()
   logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger("pixart_jax").setLevel(logging.INFO)
-  work = pathlib.Path(FLAGS.workdir).absolute()
-  work.mkdir(parents=True, exist_ok=True)
+  from pixart_jax.outputs import claim_output
+
+  work = claim_output(FLAGS.workdir, tool="demo", resume=True, flag="--workdir")  # a rerun resumes; refuses others
   times = {}
   t0 = time.perf_counter()
 

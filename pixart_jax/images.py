@@ -42,18 +42,3 @@ def save_png(image: np.ndarray, path: str | pathlib.Path, meta: dict) -> None:
   for k, v in meta.items():
     info.add_text(k, v if isinstance(v, str) else json.dumps(v))
   Image.fromarray(image).save(path, pnginfo=info)
-
-
-def resize_cover_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """(H W 3) uint8 -> (height width 3) uint8: bicubic resize covering height x width, then center crop (the
-  official ControlNet inference's `Resize(min side)` + `CenterCrop`)."""
-  from PIL import Image
-
-  h, w = image.shape[:2]
-  if (h, w) == (height, width):
-    return image
-  ratio = max(height / h, width / w)
-  rh, rw = max(height, round(h * ratio)), max(width, round(w * ratio))
-  out = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BICUBIC))
-  y0, x0 = (rh - height) // 2, (rw - width) // 2
-  return out[y0:y0 + height, x0:x0 + width]

@@ -11,10 +11,12 @@ What diffusers' PixArtSigmaPipeline does, step by step, and what we do the same 
   * the request is binned to the closest aspect-ratio bucket of the checkpoint's table, sampled there, decoded,
     then bilinearly resized to cover the request and center-cropped (`use_resolution_binning`);
   * images are (x / 2 + 0.5) clipped to [0, 1], times 255, rounded.
-The whole denoising loop is one jitted program (`diffusion.denoise`, the same the planner compiles) per (batch,
-latent shape, sampler, steps, guidance on/off); the guidance scale is a traced argument, so changing it does not
-recompile. Initial noise of image i is drawn from
-`fold_in(key(seed), i)`, so an image does not change with the batch it is generated in.
+Image-to-image (`image=`, `strength=`) and inpainting (`image=`, `mask=`) steer the same loop (`diffusion.denoise`
+keywords) for every sampler; the image is VAE-encoded at the sample size. The whole denoising loop is one jitted
+program (`diffusion.denoise`, the same the planner compiles) per (batch, latent shape, sampler, steps, guidance
+on/off, strength, with/without image and mask); the guidance scale is a traced argument, so changing it does not
+recompile. Initial noise of image i is drawn from `fold_in(key(seed), i)`, so an image does not change with the
+batch it is generated in.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import os
 import time
 from typing import Sequence
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +73,12 @@ def resize_cover_crop(images: jax.Array, height: int, width: int) -> jax.Array:
   return out[:, y0:y0 + height, x0:x0 + width]
 
 
+def latent_mask(pixel_mask: jax.Array, factor: int) -> jax.Array:
+  """(B H W 1) 0 / 1 pixel mask (1 = repaint) -> (B H/f W/f 1): a latent cell is regenerated when any of its f x f
+  pixels is to be repainted (the kept region never overwrites a pixel to repaint)."""
+  return einops.reduce(pixel_mask, "b (h p) (w q) c -> b h w c", "max", p=factor, q=factor)
+
+
 def check_call_args(*, steps: int | None = None, guidance_scale: float = 4.5, seed: int = 0,
                     height: int | None = None, width: int | None = None, sampler: str = "dpm-solver") -> None:
   """Refuses what `Pipeline.__call__` cannot sample, before any work (the `sample` CLI calls it before loading):
@@ -107,6 +116,7 @@ class Pipeline:
     self._vae_graph, self._vae_state = nnx.split(vae)
     self._denoise = jax.jit(self._denoise_traced, static_argnames=STATIC_ARGNAMES)
     self._decode = jax.jit(self._decode_impl, static_argnames=("height", "width"))
+    self._encode = jax.jit(self._encode_impl, static_argnames=("height", "width"))
     self.controlnet = None
     if controlnet is not None:
       from pixart_jax.models.controlnet import ControlPixArtSigma
@@ -115,7 +125,6 @@ class Pipeline:
         shard_model(controlnet, mesh, rules)
       self.controlnet = ControlPixArtSigma(transformer, controlnet)
       self._ctrl_graph, self._ctrl_state = nnx.split(self.controlnet)
-      self._encode_control = jax.jit(lambda state, x: nnx.merge(self._vae_graph, state).encode_scaled(x))
 
   # -----------------------------------------------------------------------------------------------------------
   @classmethod
@@ -163,9 +172,7 @@ class Pipeline:
     """Control image(s) -> (batch, height/f, width/f, C) diffusion-space latents (the VAE posterior mean).
 
     control_image: one image or `batch` images, uint8 (H W 3) / (B H W 3) or a PIL image, resized to cover
-    height x width and center-cropped (as the official ControlNet inference script does)."""
-    from pixart_jax.images import resize_cover_uint8
-
+    height x width and center-cropped (as the official ControlNet inference script does), VAE-encoded as `image`."""
     arr = np.asarray(control_image)
     if arr.ndim == 3:
       arr = arr[None]
@@ -173,14 +180,18 @@ class Pipeline:
       raise ValueError(f"control_image must be uint8 RGB (H, W, 3) or (B, H, W, 3), got {arr.dtype} {arr.shape}")
     if arr.shape[0] not in (1, batch):
       raise ValueError(f"control_image holds {arr.shape[0]} images for {batch} prompts: give 1 or {batch}")
-    x = np.stack([resize_cover_uint8(a, height, width) for a in arr]).astype(np.float32) / 127.5 - 1.0
-    lat = self._encode_control(self._vae_state, jnp.asarray(x))
+    x = jnp.asarray(arr.astype(np.float32) / 127.5 - 1.0)
+    lat = self._encode(self._vae_state, x, height=height, width=width)
     return jnp.broadcast_to(lat, (batch, *lat.shape[1:])).astype(jnp.float32)
 
   def _decode_impl(self, state, z, *, height, width):
     vae = nnx.merge(self._vae_graph, state)
     img = vae.decode(vae.unscale_latent(z)).astype(jnp.float32)
     return resize_cover_crop(img, height, width)
+
+  def _encode_impl(self, state, images, *, height, width):
+    vae = nnx.merge(self._vae_graph, state)
+    return vae.encode_scaled(resize_cover_crop(images, height, width)).astype(jnp.float32)
 
   def encode(self, prompts: Sequence[str], text_preprocessing: str = "lower") -> tuple[jax.Array, jax.Array]:
     """Prompts -> (embeds (B, 300, D) f32, mask (B, 300) int32), with diffusers' light preprocessing."""
@@ -216,14 +227,25 @@ class Pipeline:
                latents: np.ndarray | jax.Array | None = None, use_resolution_binning: bool = True,
                guidance_mode: str = "diffusers", text_preprocessing: str = "lower",
                vae_tile_latent: int | None = None, output: str = "uint8", timings: dict | None = None,
+               image=None, strength: float = 1.0, mask=None, paste_back: bool = False,
                control_image=None, control_scale: float = 1.0):
-    """Generates images.
+    """Generates images; with `image`, image-to-image (`strength`) and inpainting (`mask`).
 
     prompts: one string or B strings; negative_prompt: one string or B strings.
     latents: explicit initial noise (B, h, w, C) NHWC at the SAMPLE (binned) latent size; else from `seed`.
     vae_tile_latent: decode in overlapping tiles of this latent size (auto: tiles of 128 above 2048 px).
     output: "uint8" -> numpy (B, H, W, 3) uint8; "float" -> jax (B, H, W, 3) in [-1, 1].
     timings: if a dict is given, it receives seconds for encode / denoise / decode.
+    image: (H W 3) / (B H W 3) uint8 or [-1, 1] float, or a PIL image: the image to edit (one for all prompts or
+      one per prompt). It sets the output size (height / width, if given, must equal it); it is resized to the
+      sample (binned) size and VAE-encoded (posterior mean).
+    strength: image-to-image (SDEdit) in (0, 1]: the share of the sampler's steps that run, from the image noised
+      to the first of them (diffusers' img2img timestep selection; LCM: diffusers' LCM img2img grid). 1: the image
+      is not used as a start (text-to-image, bit for bit, unless a mask is given).
+    mask: inpainting mask in pixels at the image's size, (H W), (H W 1), (B H W) or (B H W 1), 1 = repaint,
+      0 = keep (binarised at 0.5). After every step the latent cells without a pixel to repaint are reset to the
+      image noised to that step's level; an all-ones mask is text-to-image.
+    paste_back: with a mask, paste the kept pixels of `image` over the decoded result (exact kept region).
     control_image: the ControlNet's control image(s) (`control_latents`; needs `controlnet=`), control_scale: the
       weight of the branch's outputs (1 = the official ControlNet; a traced value: changing it does not recompile).
     """
@@ -240,6 +262,24 @@ class Pipeline:
       raise ValueError(f"{len(negs)} negative prompts for {b} prompts")
     check_call_args(steps=steps, guidance_scale=guidance_scale, seed=seed, height=height, width=width,
                     sampler=sampler)
+    strength = checks.strength("strength", strength)
+    pixels = pixel_mask = None
+    if image is None:
+      if strength < 1.0 or mask is not None:
+        raise ValueError(f"{'strength < 1' if mask is None else 'a mask'} needs an image: pass image=... (the image "
+                         f"to edit)")
+    else:
+      pixels = checks.image("image", image)
+      if pixels.shape[0] not in (1, b):
+        raise ValueError(f"image holds {pixels.shape[0]} images for {b} prompts: give one image or one per prompt")
+      ih, iw = pixels.shape[1:3]
+      if (height is not None and height != ih) or (width is not None and width != iw):
+        raise ValueError(f"image is {iw}x{ih} pixels (WIDTHxHEIGHT) but height={height}, width={width} were asked: "
+                         f"leave height / width unset with an image, or resize the image")
+      height, width = ih, iw
+      pixels = np.broadcast_to(pixels, (b,) + pixels.shape[1:])
+      if mask is not None:
+        pixel_mask = np.broadcast_to(checks.mask("mask", mask, b, ih, iw), (b, ih, iw, 1))
     steps = samplers.DEFAULT_STEPS[sampler] if steps is None else steps
     sh, sw, oh, ow = self.resolve_size(height, width, use_resolution_binning)
     f = self.vae.config.downsample_factor
@@ -261,9 +301,15 @@ class Pipeline:
     cond_emb, cond_mask = self.encode(prompts, text_preprocessing)
     if use_cfg:
       un_emb, un_mask = self.encode(negs, text_preprocessing)
+    edit = {}
+    if pixels is not None:
+      edit["image_latents"] = self._encode(self._vae_state, jnp.asarray(pixels), height=sh, width=sw)
+      if pixel_mask is not None:
+        sample_mask = resize_cover_crop(jnp.asarray(pixel_mask), sh, sw)
+        edit["mask"] = latent_mask((sample_mask >= 0.5).astype(jnp.float32), f)
     t_enc = time.perf_counter()
 
-    args = (latents, (cond_emb, cond_mask), (un_emb, un_mask) if use_cfg else None)
+    args = (latents, (cond_emb, cond_mask), (un_emb, un_mask) if use_cfg else None, edit)
     if self.mesh is not None:  # every batch array over the batch axes (replicated where the batch does not split)
       args = jax.device_put(args, batch_sharding(self.mesh, self.rules, (b,)))
       if control is not None:
@@ -272,8 +318,8 @@ class Pipeline:
     dit_state = self._dit_state if control is None else self._ctrl_state
     ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
     with ctx:
-      x0 = self._denoise(dit_state, *args, jnp.float32(guidance_scale), jax.random.key(seed),
-                         sampler=sampler, steps=steps, mode=guidance_mode, **extra)
+      x0 = self._denoise(dit_state, *args[:3], jnp.float32(guidance_scale), jax.random.key(seed),
+                         sampler=sampler, steps=steps, mode=guidance_mode, strength=strength, **args[3], **extra)
       x0 = jax.block_until_ready(x0)
       t_den = time.perf_counter()
       tile = vae_tile_latent or (128 if max(sh, sw) > 2048 else None)
@@ -284,6 +330,8 @@ class Pipeline:
 
         img = decode_tiled(self.vae, self.vae.unscale_latent(x0), tile_latent=tile, overlap_latent=tile // 4)
         images = resize_cover_crop(img.astype(jnp.float32), oh, ow)
+      if paste_back and pixel_mask is not None:
+        images = jnp.where(jnp.asarray(pixel_mask) >= 0.5, images, jnp.asarray(pixels))
       images = jax.block_until_ready(images)
     if timings is not None:
       timings.update(encode=t_enc - t_start, denoise=t_den - t_enc, decode=time.perf_counter() - t_den)

@@ -32,11 +32,11 @@ _ENCODERS = flags.DEFINE_string(
     "Diffusers-format pipeline directory or Hub id holding text_encoder/, tokenizer/ and vae/ "
     "(e.g. PixArt-alpha/PixArt-Sigma-XL-2-1024-MS).")
 _OUT = flags.DEFINE_string(
-    "out", None, "Output dataset directory: new or empty (created, marked as ours with .pixart_dataset.json); "
-    "reruns resume into it. Never inside or around the --source folder.")
+    "out", None, "Output dataset directory: new or empty (created, marked as prepare's with .pixart_output.json); "
+    "reruns resume into it. Never inside or around the --source folder, never a folder holding other files.")
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Allow an existing non-empty --out that prepare did not create (files sharing prepare's "
-    "names there are replaced; nothing else is touched).")
+    "overwrite", False, "Replace a dataset that prepare wrote into --out with another configuration (its files are "
+    "deleted first; nothing else there is touched). Folders prepare did not mark are never written.")
 _MAX_IMAGE_MB = flags.DEFINE_integer(
     "max_image_mb", 256, "Skip image files larger than this many MiB ('too_large'); only regular files are read "
     "(FIFOs, devices and sockets are skipped as 'not_a_file').")

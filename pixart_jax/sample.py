@@ -3,6 +3,8 @@
   python -m pixart_jax.sample --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS \\
       --prompt "a small wooden cabin in a snowy forest at night" --size 1024x768 --steps 20 --out samples/
   python -m pixart_jax.sample --model DIR --prompts_file prompts.txt --sampler sa-solver --guidance 3 --seed 7
+  python -m pixart_jax.sample --model DIR --prompt "a watercolor cabin" --init_image cabin.png --strength 0.6
+  python -m pixart_jax.sample --model DIR --prompt "a red door" --init_image house.png --mask door_mask.png
 
 Each PNG carries the prompt, seed and settings in its metadata (tEXt chunks); several images also give a
 contact sheet. Progress shows the stages (encode, compile, sample, decode) of every batch.
@@ -41,6 +43,13 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "DiT and T5 comp
 flags.DEFINE_string("out", "samples", "Output directory.")
 flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache directory.")
 flags.DEFINE_boolean("no_binning", False, "Sample exactly at --size (must be a multiple of 16).")
+flags.DEFINE_string("init_image", None, "Image-to-image / inpainting: the image to edit (PNG, JPEG, ...). It sets the "
+                    "output size (no --size).")
+flags.DEFINE_float("strength", None, "Image-to-image strength in (0, 1]: the share of the steps that run, from "
+                   "--init_image noised to the first of them (default 0.8; with --mask 1.0).")
+flags.DEFINE_string("mask", None, "Inpainting mask image at --init_image's size: white (>= 50%) = repaint, black = "
+                    "keep.")
+flags.DEFINE_boolean("paste_back", False, "With --mask: paste the kept pixels of --init_image over the result.")
 flags.DEFINE_string("control", None, "A control image (PNG/JPEG) for the ControlNet given by --controlnet; every "
                     "prompt is sampled under it.")
 flags.DEFINE_string("controlnet", None, "ControlNet weights in the official PixArt ControlNet-Half layout: a branch "
@@ -100,18 +109,55 @@ def _check_flags() -> None:
     value = getattr(FLAGS, flag)
     if value is not None and not os.path.exists(value):
       raise ValueError(f"--{flag} {value}: no such file")
+  if FLAGS.init_image is None:
+    for name in ("strength", "mask"):
+      if getattr(FLAGS, name) is not None:
+        raise ValueError(f"--{name} needs --init_image (the image to edit)")
+    if FLAGS.paste_back:
+      raise ValueError("--paste_back needs --init_image and --mask")
+  else:
+    if FLAGS.size:
+      raise ValueError(f"--size {FLAGS.size} with --init_image: the image sets the size; drop --size or resize the "
+                       f"image")
+    if FLAGS.strength is not None:
+      checks.strength("--strength", FLAGS.strength)
 
 
-def _control_image():
-  """The --control image as (H W 3) uint8, or None; a file that is no image fails with one line naming it."""
-  if FLAGS.control is None:
-    return None
+def _read_image(flag: str, path: str):
+  """--init_image / --mask / --control file -> (H W 3) uint8; ValueError naming the flag and the file."""
   from pixart_jax.data.image_io import SkipExample, decode_image
 
   try:
-    return decode_image(FLAGS.control)
+    return decode_image(path)
   except SkipExample as e:
-    raise ValueError(f"--control {FLAGS.control}: not a readable image ({e})") from None
+    raise ValueError(f"--{flag} {path}: {e.detail} ({e.reason}); give a PNG / JPEG image file") from None
+
+
+def _edit_args() -> dict:
+  """The Pipeline keywords of --init_image / --strength / --mask / --paste_back (empty without --init_image)."""
+  if FLAGS.init_image is None:
+    return {}
+  from pixart_jax import checks
+
+  image = _read_image("init_image", FLAGS.init_image)
+  edit = {"image": image, "strength": FLAGS.strength if FLAGS.strength is not None else
+          (1.0 if FLAGS.mask else 0.8)}
+  if FLAGS.mask:
+    mask = _read_image("mask", FLAGS.mask).mean(-1) / 255.0
+    h, w = image.shape[:2]
+    if mask.shape != (h, w):
+      raise ValueError(f"--mask {FLAGS.mask} is {mask.shape[1]}x{mask.shape[0]} pixels but --init_image is {w}x{h}: "
+                       f"the mask must have the image's size")
+    edit["mask"] = checks.mask("--mask", mask, 1, h, w)
+    edit["paste_back"] = FLAGS.paste_back
+  elif FLAGS.paste_back:
+    raise ValueError("--paste_back needs --mask")
+  return edit
+
+
+def _control_image():
+  """The --control image as (H W 3) uint8, or None."""
+  return None if FLAGS.control is None else _read_image("control", FLAGS.control)
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -134,6 +180,7 @@ def main(argv):
   _check_flags()
   prompts = _prompts()
   height, width = _size()
+  edit = _edit_args()
   last_seed = FLAGS.seed + (len(prompts) - 1) // FLAGS.batch_size
   checks.seed("--seed + the number of batches - 1 (the last batch's seed)", last_seed)
   dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
@@ -156,7 +203,7 @@ def main(argv):
       images = pipe(batch, negative_prompt=FLAGS.negative, height=height, width=width, steps=FLAGS.steps,
                     guidance_scale=FLAGS.guidance, sampler=FLAGS.sampler, seed=seed,
                     guidance_mode=FLAGS.guidance_mode, use_resolution_binning=not FLAGS.no_binning, timings=timings,
-                    **control)
+                    **edit, **control)
       compiled = pipe.num_traces > first
       bar.set_postfix(compile_and_sample=f"{timings['denoise']:.1f}s" if compiled else None,
                       sample=None if compiled else f"{timings['denoise']:.1f}s", decode=f"{timings['decode']:.1f}s")
@@ -165,6 +212,8 @@ def main(argv):
                 "sampler": FLAGS.sampler, "steps": FLAGS.steps or "default", "guidance_scale": FLAGS.guidance,
                 "guidance_mode": FLAGS.guidance_mode, "size": f"{img.shape[1]}x{img.shape[0]}",
                 "model": FLAGS.model, "transformer": FLAGS.transformer or "", "software": "pixart_jax"}
+        if edit:
+          meta.update(init_image=FLAGS.init_image, strength=edit["strength"], mask=FLAGS.mask or "")
         if control:
           meta.update(control=FLAGS.control, controlnet=FLAGS.controlnet, control_scale=FLAGS.control_scale)
         path = out / f"{start + i:04d}_{_slug(prompt)}.png"

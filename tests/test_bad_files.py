@@ -17,13 +17,13 @@ import pytest
 
 from pixart_jax.convert import hub, orbax_io
 from pixart_jax.convert.dit import export_transformer
-from pixart_jax.convert.outputs import MARKER as CONVERT_MARKER
 from pixart_jax.convert.pipeline_export import export_pipeline
 from pixart_jax.convert.sources import open_tensors
 from pixart_jax.convert.strict import Put, WeightLoadError, load_strict
 from pixart_jax.convert.torch_pickle import TorchFormatError
 from pixart_jax.data import image_io, prepare_lib, records, sources
 from pixart_jax.data.image_io import SkipExample
+from pixart_jax.outputs import MARKER, claim_output
 
 
 # --------------------------------------------------------------------------------------------------- builders
@@ -144,31 +144,48 @@ def _foreign_folder(tmp):
   return out, files
 
 
-def _prepare_foreign(tmp):
-  out, kept = _foreign_folder(tmp)
-  return (lambda: prepare_lib.claim_output_dir(out)), kept
+def _prepare_foreign(overwrite):
+  def setup(tmp):
+    out, kept = _foreign_folder(tmp)
+    return (lambda: prepare_lib.claim_output_dir(out, overwrite=overwrite)), kept
+  return setup
+
+
+def _other_tools_output(tmp):
+  """A dataset folder (prepare's marker) given to convert --overwrite."""
+  (tmp / "ds").mkdir()
+  (tmp / "ds" / MARKER).write_text(json.dumps({"format": "pixart_jax.output/1", "tool": "prepare"}))
+  (tmp / "ds" / "manifest.json").write_text("{}")
+  return (lambda: orbax_io.save_transformer_orbax(None, tmp / "ds", overwrite=True)), {
+      tmp / "ds" / "manifest.json": b"{}"}
+
+
+def _marker_garbage(tmp):
+  (tmp / "o").mkdir()
+  (tmp / "o" / MARKER).write_text(json.dumps({"format": "something else"}))
+  (tmp / "o" / "x.txt").write_text("x")
+  return (lambda: claim_output(tmp / "o", tool="sample", resume=True)), {tmp / "o" / "x.txt": b"x"}
 
 
 def _prepare_inside_input(tmp):
   (tmp / "images").mkdir()
   kept = {_png(tmp / "images" / "a.png"): None}
   src = sources.FolderSource(tmp / "images")
-  return (lambda: prepare_lib.claim_output_dir(tmp / "images" / "out",
-                                               input_dirs=prepare_lib._source_dirs(src))), kept
+  return (lambda: prepare_lib.claim_output_dir(tmp / "images" / "out", src)), kept
 
 
 def _prepare_around_input(tmp):
   (tmp / "images").mkdir()
   _png(tmp / "images" / "a.png")
   src = sources.FolderSource(tmp / "images")
-  return (lambda: prepare_lib.claim_output_dir(tmp, overwrite=True, input_dirs=prepare_lib._source_dirs(src))), {}
+  return (lambda: prepare_lib.claim_output_dir(tmp, src, overwrite=True)), {}
 
 
 def _prepare_manifest_folder(tmp):
   (tmp / "manifest.json").write_text(json.dumps({"image": "a.png", "caption": "c"}) + "\n")
   src = sources.ManifestSource(tmp / "manifest.json")
   kept = {tmp / "manifest.json": (tmp / "manifest.json").read_bytes()}
-  return (lambda: prepare_lib.claim_output_dir(tmp, overwrite=True, input_dirs=prepare_lib._source_dirs(src))), kept
+  return (lambda: prepare_lib.claim_output_dir(tmp, src, overwrite=True)), kept
 
 
 def _prepare_out_is_file(tmp):
@@ -250,8 +267,8 @@ def _pipeline_foreign_out(tmp):
 
 def _ours_without_overwrite(tmp):
   (tmp / "o").mkdir()
-  marker = json.dumps({"format": "pixart_jax.convert_output/1", "what": "orbax"})
-  (tmp / "o" / CONVERT_MARKER).write_text(marker)
+  marker = json.dumps({"format": "pixart_jax.convert_output/1", "what": "orbax"})  # the earlier marker layout
+  (tmp / "o" / ".pixart_convert.json").write_text(marker)
   (tmp / "o" / "pixart_config.json").write_text("{}")
   return (lambda: orbax_io.save_transformer_orbax(None, tmp / "o")), {tmp / "o" / "pixart_config.json": b"{}"}
 
@@ -328,21 +345,26 @@ ROWS = [
     ("shard-index-garbage", _shard_index_garbage, records.RecordError, r"data-00000\.json is not a valid .* \(not JSON"),
     ("shard-index-types", _shard_index_wrong_types, records.RecordError, r"data-00000\.json is not a valid"),
     # prepare outputs
-    ("prepare-foreign-out", _prepare_foreign, FileExistsError, r"mine already holds 3 file\(s\) prepare did not write"),
+    ("prepare-foreign-out", _prepare_foreign(False), FileExistsError, r"mine already holds 3 entries prepare did not "
+     r"write"),
+    ("prepare-foreign-overwrite", _prepare_foreign(True), FileExistsError, r"never replaced or deleted"),
     ("prepare-out-in-input", _prepare_inside_input, ValueError, r"images/out overlaps the input folder .*images"),
     ("prepare-out-around-input", _prepare_around_input, ValueError, r"overlaps the input folder"),
-    ("prepare-out-manifest-dir", _prepare_manifest_folder, ValueError, r"overlaps the input folder"),
+    ("prepare-out-manifest-dir", _prepare_manifest_folder, ValueError, r"overlaps the manifest's folder"),
     ("prepare-out-is-file", _prepare_out_is_file, FileExistsError, r"exists and is not a folder"),
     # convert outputs
     ("export-base-is-out", _export_base_is_out, ValueError, r"--out .*base overlaps --base .*base"),
     ("export-out-in-base", _export_out_inside_base, ValueError, r"base/export overlaps --base"),
     ("export-base-in-out", _export_base_inside_out, ValueError, r"work overlaps --base .*work/base"),
-    ("orbax-foreign-params", _orbax_foreign_params, FileExistsError, r"out already holds 1 entries this tool did not "
+    ("orbax-foreign-params", _orbax_foreign_params, FileExistsError, r"out already holds 1 entries convert did not "
      r"write \(e\.g\. \['params'\]"),
     ("orbax-foreign-overwrite", _orbax_foreign_params_overwrite, FileExistsError, r"never replaced or deleted"),
     ("transformer-foreign", _transformer_foreign, FileExistsError, r"did not write"),
     ("pipeline-foreign-out", _pipeline_foreign_out, FileExistsError, r"did not write"),
-    ("ours-no-overwrite", _ours_without_overwrite, FileExistsError, r"holds an earlier conversion; pass --overwrite"),
+    ("ours-no-overwrite", _ours_without_overwrite, FileExistsError, r"holds an earlier convert output; pass "
+     r"--overwrite"),
+    ("other-tools-output", _other_tools_output, FileExistsError, r"ds holds the output of `prepare`, not of `convert`"),
+    ("marker-garbage", _marker_garbage, ValueError, r"is not a pixart_jax output marker"),
     # config files
     ("config-not-json", _config_case(b"{oops", _hub_config), ValueError, r"config\.json is not a valid model config: "
      r"not JSON"),
@@ -394,15 +416,17 @@ def test_only_kind_changing_casts_are_refused(tmp_path):
 
 
 def test_prepare_claims_new_empty_and_own_folders(tmp_path):
-  """A new folder and an empty one are taken (marked first); a marked one is taken again (resume); overwrite=True
-  takes a foreign one without deleting anything in it."""
+  """A new folder and an empty one are taken (marked first); a marked one is taken again (resume), so is a dataset
+  of the unmarked older layout (its prepare_config.json)."""
   new = prepare_lib.claim_output_dir(tmp_path / "new")
-  assert os.listdir(new) == [prepare_lib.MARKER]
+  assert os.listdir(new) == [MARKER]
   (tmp_path / "empty").mkdir()
   prepare_lib.claim_output_dir(tmp_path / "empty")
   (tmp_path / "new" / "data-00000.json").write_text("{}")
-  prepare_lib.claim_output_dir(tmp_path / "new")  # ours: a rerun resumes into it
-  out, files = _foreign_folder(tmp_path)
-  prepare_lib.claim_output_dir(out, overwrite=True)
-  assert all(p.read_bytes() == b for p, b in files.items())
+  prepare_lib.claim_output_dir(new)  # ours: a rerun resumes into it
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "prepare_config.json").write_text(json.dumps(dict.fromkeys(
+      ["source", "source_items", "shard_size", "encoders", "table"], 1)))
+  prepare_lib.claim_output_dir(tmp_path / "old")
+  assert sorted(os.listdir(tmp_path / "old")) == [MARKER, "prepare_config.json"]
 

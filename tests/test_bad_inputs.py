@@ -24,6 +24,11 @@ SMOKE = "configs/pixart_sigma_512_ms.py:smoke"
 PROMPT = ["--prompt", "a cat"]
 
 # (id, entry point module, argv with {placeholders} from the `files` fixture, expected message substring)
+def _train_row(name: str, override: str, message: str) -> tuple:
+  """A `python -m pixart_jax.train` row: the smoke recipe with one bad `--config.FIELD=VALUE`."""
+  return name, "pixart_jax.train.__main__", ["--config", SMOKE, "--workdir", "{tmp}/t", override], message
+
+
 CLI_ROWS = [
     # --- sample: flags (refused before any model loads)
     ("sample-steps-0", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--steps", "0"],
@@ -61,6 +66,18 @@ CLI_ROWS = [
      "nope.txt: No such file or directory"),
     ("sample-prompts-is-dir", "pixart_jax.sample", ["--model", "{pipe}", "--prompts_file", "{tmp}"],
      "Is a directory"),
+    # --- sample: image-to-image / inpainting flags (refused before any model loads)
+    ("sample-strength-without-image", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--strength", "0.5"],
+     "--strength needs --init_image (the image to edit)"),
+    ("sample-mask-without-image", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--mask", "{tmp}/m.png"],
+     "--mask needs --init_image (the image to edit)"),
+    ("sample-strength-1.5", "pixart_jax.sample",
+     ["--model", "{pipe}", *PROMPT, "--init_image", "{tmp}/nope.png", "--strength", "1.5"],
+     "--strength must be a finite number > 0 and <= 1, got 1.5"),
+    ("sample-init-image-missing", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--init_image", "{tmp}/nope.png"],
+     "nope.png: FileNotFoundError"),
+    ("sample-init-image-not-an-image", "pixart_jax.sample",
+     ["--model", "{pipe}", *PROMPT, "--init_image", "{blank}"], "in no known image format"),
     # --- sample: models
     ("sample-model-empty-dir", "pixart_jax.sample", ["--model", "{empty}", *PROMPT],
      "holds neither a transformer config.json"),
@@ -108,40 +125,26 @@ CLI_ROWS = [
                                                       "{tmp}/p", "--max_aspect", "0.5"],
      "PrepareOptions.max_aspect must be >= 1, got 0.5"),
     # --- train (config fields, checked before the workdir is touched)
-    ("train-ckpt-every-0", "pixart_jax.train.__main__",
-     ["--config", SMOKE, "--workdir", "{tmp}/t", "--config.ckpt_every=0"],
-     "ckpt_every must be a positive integer (>= 1), got 0"),
-    ("train-log-every-0", "pixart_jax.train.__main__",
-     ["--config", SMOKE, "--workdir", "{tmp}/t", "--config.log_every=0"], "log_every must be a positive integer"),
-    ("train-steps-negative", "pixart_jax.train.__main__",
-     ["--config", SMOKE, "--workdir", "{tmp}/t", "--config.steps=-5"], "steps must be an integer >= 0, got -5"),
-    ("train-lr-negative", "pixart_jax.train.__main__",
-     ["--config", SMOKE, "--workdir", "{tmp}/t", "--config.optimizer.lr=-1.0"],
-     "optimizer.lr must be a finite number > 0, got -1.0"),
-    ("train-lr-inf", "pixart_jax.train.__main__",
-     ["--config", SMOKE, "--workdir", "{tmp}/t", "--config.optimizer.lr=inf"],
-     "optimizer.lr must be a finite number > 0, got inf"),
-    ("train-batch-0", "pixart_jax.train.__main__",
-     ["--config", SMOKE, "--workdir", "{tmp}/t", "--config.data.batch_size=0"],
-     "data.batch_size must be a positive integer"),
-    ("train-seed-negative", "pixart_jax.train.__main__",
-     ["--config", SMOKE, "--workdir", "{tmp}/t", "--config.seed=-1"], "seed must be an integer in [0, 2**32 - 1]"),
-    ("train-dropout-above-1", "pixart_jax.train.__main__",
-     ["--config", SMOKE, "--workdir", "{tmp}/t", "--config.class_dropout_prob=1.5"],
-     "class_dropout_prob must be a finite number >= 0 and <= 1, got 1.5"),
-    ("train-ema-above-1", "pixart_jax.train.__main__",
-     ["--config", SMOKE, "--workdir", "{tmp}/t", "--config.ema.rate=2.0"], "ema.rate must be a finite number"),
-    ("train-sample-every-negative", "pixart_jax.train.__main__",
-     ["--config", SMOKE, "--workdir", "{tmp}/t", "--config.sample.every=-1"], "sample.every must be an integer >= 0"),
-    ("train-grad-accum-0", "pixart_jax.train.__main__",
-     ["--config", SMOKE, "--workdir", "{tmp}/t", "--config.grad_accum=0"], "grad_accum must be a positive integer"),
-    ("train-warmup-negative", "pixart_jax.train.__main__",
-     ["--config", SMOKE, "--workdir", "{tmp}/t", "--config.optimizer.warmup=-10"],
-     "optimizer.warmup must be an integer >= 0, got -10"),
-    ("train-weight-decay-nan", "pixart_jax.train.__main__",
-     ["--config", SMOKE, "--workdir", "{tmp}/t", "--config.optimizer.weight_decay=nan"],
-     "optimizer.weight_decay must be a finite number >= 0, got nan"),
+    _train_row("train-ckpt-every-0", "--config.ckpt_every=0", "ckpt_every must be a positive integer (>= 1), got 0"),
+    _train_row("train-log-every-0", "--config.log_every=0", "log_every must be a positive integer"),
+    _train_row("train-steps-negative", "--config.steps=-5", "steps must be an integer >= 0, got -5"),
+    _train_row("train-lr-negative", "--config.optimizer.lr=-1.0", "optimizer.lr must be a finite number > 0, got -1.0"),
+    _train_row("train-lr-inf", "--config.optimizer.lr=inf", "optimizer.lr must be a finite number > 0, got inf"),
+    _train_row("train-batch-0", "--config.data.batch_size=0", "data.batch_size must be a positive integer"),
+    _train_row("train-seed-negative", "--config.seed=-1", "seed must be an integer in [0, 2**32 - 1]"),
+    _train_row("train-dropout-above-1", "--config.class_dropout_prob=1.5",
+               "class_dropout_prob must be a finite number >= 0 and <= 1, got 1.5"),
+    _train_row("train-ema-above-1", "--config.ema.rate=2.0", "ema.rate must be a finite number"),
+    _train_row("train-sample-every-negative", "--config.sample.every=-1", "sample.every must be an integer >= 0"),
+    _train_row("train-grad-accum-0", "--config.grad_accum=0", "grad_accum must be a positive integer"),
+    _train_row("train-warmup-negative", "--config.optimizer.warmup=-10",
+               "optimizer.warmup must be an integer >= 0, got -10"),
+    _train_row("train-weight-decay-nan", "--config.optimizer.weight_decay=nan",
+               "optimizer.weight_decay must be a finite number >= 0, got nan"),
+    ("train-foreign-workdir", "pixart_jax.train.__main__", ["--config", SMOKE, "--workdir", "{pipe}"],
+     "entries train did not write"),
     # --- demo
+    ("demo-foreign-workdir", "pixart_jax.demo", ["--workdir", "{pipe}", "--steps", "1"], "entries demo did not write"),
     ("demo-steps-0", "pixart_jax.demo", ["--workdir", "{tmp}/d", "--steps", "0"],
      "--steps must be a positive integer (>= 1), got 0"),
     ("demo-batch-0", "pixart_jax.demo", ["--workdir", "{tmp}/d", "--batch_size", "0"],
@@ -318,12 +321,7 @@ def _smoke_config(**changes):
   from pixart_jax.train.config_defaults import base_config, smoke
 
   c = smoke(base_config(preset="tiny", table=None, batch_size=8, warmup=0))
-  for path, value in changes.items():
-    node = c
-    *parents, leaf = path.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(changes)
   return c
 
 

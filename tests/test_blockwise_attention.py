@@ -17,8 +17,9 @@ import pytest
 from flax import nnx
 
 from pixart_jax.models.attention import CrossAttention, SelfAttention
-from pixart_jax.models.attention_backends import (AttentionBackend, AttentionOptions, attend, blockwise_local,
-                                                  dot_product_attention, resolve, resolve_backend, select_backend)
+from pixart_jax.models.attention_backends import (AttentionBackend, AttentionOptions, attend, dot_product_attention,
+                                                  resolve, resolve_backend, select_backend)
+from pixart_jax.models.blockwise_attention import blockwise_local
 from pixart_jax.models.config import get_preset
 from pixart_jax.models.dit import PixArtSigma
 from pixart_jax.models.spec import ModelSpec
@@ -111,6 +112,21 @@ def test_fully_masked_sample_matches_xla_forward():
   assert rel(got, dot_product_attention(q, k, v, mask)) <= TOL
 
 
+def perturbed(state, scale: float, seed: int):
+  """Parameters moved off their (often zero) init, so every gradient is exercised."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: a + scale * rng.standard_normal(a.shape).astype(a.dtype), state)
+
+
+def assert_same_outputs_and_grads(reference, got):
+  """(output, gradient tree) pairs: output within TOL relative, every gradient within TOL of the largest."""
+  (o_ref, g_ref), (o, g) = reference, got
+  assert rel(o, o_ref) <= TOL
+  gmax = max(float(np.abs(a).max()) for a in jax.tree.leaves(g_ref))
+  worst = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), g, g_ref)))
+  assert worst / gmax <= TOL
+
+
 def test_modules_match_xla():
   """Self-attention with qk-norm and conv KV compression (140 queries, 35 keys) and masked cross-attention through
   `attend` with the blockwise backend: forward and gradients w.r.t. the input and every parameter."""
@@ -124,16 +140,11 @@ def test_modules_match_xla():
     results = []
     for opts in (XLA, BLOCKWISE):
       graphdef, state = nnx.split(make(opts))
-      state = jax.tree.map(lambda a: a + 0.2 * np.random.default_rng(0).standard_normal(a.shape).astype(a.dtype),
-                           state)
+      state = perturbed(state, 0.2, seed=0)
       loss = lambda s, x0: jnp.sum(nnx.merge(graphdef, s)(x0, *args[1:]) ** 2)
       out = jax.jit(lambda s, x0: nnx.merge(graphdef, s)(x0, *args[1:]))(state, args[0])
       results.append((out, jax.jit(jax.grad(loss, argnums=(0, 1)))(state, args[0])))
-    (o_ref, g_ref), (o, g) = results
-    assert rel(o, o_ref) <= TOL
-    gmax = max(float(np.abs(a).max()) for a in jax.tree.leaves(g_ref))
-    worst = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), g, g_ref)))
-    assert worst / gmax <= TOL
+    assert_same_outputs_and_grads(*results)
 
 
 def test_attend_under_mesh_runs_in_shard_map():
@@ -193,15 +204,10 @@ def test_dit_forward_and_grads_match_xla():
   results = []
   for opts in (XLA, BLOCKWISE):
     graphdef, state = nnx.split(PixArtSigma(cfg, attention=opts, rngs=nnx.Rngs(0)))
-    state = jax.tree.map(lambda a: a + 0.05 * np.random.default_rng(2).standard_normal(a.shape).astype(a.dtype),
-                         state)
+    state = perturbed(state, 0.05, seed=2)
     fn = lambda s: nnx.merge(graphdef, s)(x, t, y, mask)
     results.append((jax.jit(fn)(state), jax.jit(jax.grad(lambda s: jnp.sum(fn(s) ** 2)))(state)))
-  (o_ref, g_ref), (o, g) = results
-  assert rel(o, o_ref) <= TOL
-  gmax = max(float(np.abs(a).max()) for a in jax.tree.leaves(g_ref))
-  worst = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), g, g_ref)))
-  assert worst / gmax <= TOL
+  assert_same_outputs_and_grads(*results)
 
 
 def test_never_materialises_the_logits():

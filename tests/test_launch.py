@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
-SCRIPTS = ["create.sh", "setup.sh", "run.sh", "logs.sh", "teardown.sh"]
+SCRIPTS = ["create.sh", "setup.sh", "run.sh", "logs.sh", "teardown.sh", "sweep.sh"]
 TPU = ["NAME=pixart-v5p", "ZONE=us-east5-a"]
 TOOLS = ["bash", "env", "dirname", "date"]  # all a dry run may call besides bash builtins
 
@@ -278,6 +278,7 @@ VALID_ARGS = {
     "run.sh": TPU + ["WORKDIR=gs://bkt/r", "CMD=true"],
     "logs.sh": TPU,
     "teardown.sh": TPU + ["YES=1"],
+    "sweep.sh": TPU + ["WORKDIR=gs://bkt/sw", "CONFIG=configs/demo.py:smoke"],
 }
 
 
@@ -491,3 +492,59 @@ def test_shellcheck_clean():
   proc = subprocess.run([_shellcheck(), "--external-sources", "--severity=style", *files], cwd=ROOT,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------ sweep.sh
+SWEEP = ["WORKDIR=gs://bkt/sw", "CONFIG=configs/pixart_sigma_512_ms.py", "RUN_NAME=s512"]
+
+
+def test_sweep_on_one_slice_runs_the_trials_in_turn(nogcloud_path, tmp_path):
+  (cmd,) = dry("sweep.sh", *TPU, *SWEEP, "TRIALS=0,2", "--", "--config.data.dir=gs://bkt/d 512",
+               path=nogcloud_path, home=tmp_path)
+  assert cmd[:9] == "gcloud compute tpus tpu-vm ssh pixart-v5p --zone us-east5-a --worker=all".split()
+  remote = remote_command(cmd)
+  assert ("  python -m pixart_jax.sweep --config configs/pixart_sigma_512_ms.py --workdir gs://bkt/sw --trials 0,2 "
+          "'--config.data.dir=gs://bkt/d 512'\n") in remote
+  assert "export WORKDIR=gs://bkt/sw\n" in remote and "tmux new-session -d -s pixart-s512" in remote
+
+
+def test_sweep_spread_one_queued_resource_per_trial(nogcloud_path, tmp_path):
+  cmds = dry("sweep.sh", "NAME=pixart-sw", "ZONE=us-east5-a", *SWEEP, "SPREAD=1", "TRIALS=0,3", "ACCELERATOR=v5p-64",
+             "MODE=spot", "SETUP_ARGS=MOUNT_BUCKET=bkt CHECK=0", "--", "--config.steps=2000",
+             path=nogcloud_path, home=tmp_path)
+  heads = [" ".join(c[:6]) for c in cmds]
+  create = "gcloud compute tpus queued-resources create pixart-sw-{} --node-id pixart-sw-{} --zone us-east5-a " \
+           "--accelerator-type v5p-64 --runtime-version v2-alpha-tpuv5 --spot"
+  assert cmds[0] == create.format(0, 0).split() and cmds[1] == create.format(3, 3).split()
+  for i, first in ((0, 2), (3, 6)):  # wait, setup (scp + ssh), run
+    assert cmds[first] == (f"gcloud compute tpus queued-resources describe pixart-sw-{i} --zone us-east5-a --format"
+                           .split() + ["value(state.state)"])
+    assert heads[first + 1] == "gcloud compute tpus tpu-vm scp " + f"{tmp_path}/pixart_jax-pixart-sw-{i}.tar.gz"
+    setup, job = remote_command(cmds[first + 2]), remote_command(cmds[first + 3])
+    assert cmds[first + 2][5] == cmds[first + 3][5] == f"pixart-sw-{i}"
+    assert 'gcsfuse --implicit-dirs bkt "$MNT"' in setup and "import jax" not in setup
+    assert (f"  python -m pixart_jax.sweep --config configs/pixart_sigma_512_ms.py --workdir gs://bkt/sw --trials {i} "
+            "--config.steps=2000\n") in job
+    assert f"tmux new-session -d -s pixart-s512-{i}" in job
+  assert len(cmds) == 10
+
+
+@pytest.mark.parametrize("args,message", [
+    (["SPREAD=1", "ACCELERATOR=v5p-8"], "SPREAD=1 needs TRIALS=0,1,..."),
+    (["SPREAD=1", "TRIALS=0,1"], "missing required argument ACCELERATOR="),
+    (["ACCELERATOR=v5p-8"], "ACCELERATOR is for SPREAD=1"),
+    (["TRIALS=0-3"], "TRIALS='0-3' is not a comma list of trial indices"),
+    (["CONFIG=/abs/x.py"], "CONFIG='/abs/x.py' is not a config file path relative to the code directory"),
+    (["WORKDIR=/tmp/sw"], "WORKDIR='/tmp/sw' is not a gs://BUCKET/... path"),
+])
+def test_sweep_bad_input_is_named(args, message, nogcloud_path, tmp_path):
+  words = [w for w in SWEEP if w.split("=")[0] not in {a.split("=")[0] for a in args}]
+  proc = run("sweep.sh", *TPU, *words, *args, path=nogcloud_path, home=tmp_path, extra_env={"DRY_RUN": "1"})
+  assert proc.returncode == 2 and proc.stdout == "" and message in proc.stderr, proc.stderr
+
+
+def test_sweep_printed_commands_are_the_executed_ones(fake_gcloud, tmp_path):
+  path, log, calls = fake_gcloud
+  proc = run("sweep.sh", *TPU, *SWEEP, path=path, home=tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  assert commands(proc.stdout) == calls() and len(calls()) == 1

@@ -191,7 +191,7 @@ def test_resume_after_interrupt(tmp_path, pixel_encoders):
   with pytest.raises(KeyboardInterrupt):
     prepare_lib.prepare(_FailingSource(source, fail_at=2), pixel_encoders, out, options=opts,
                         source_id="src", progress=False)
-  assert sorted(os.listdir(out)) == [".pixart_dataset.json", "data-00000.array_record", "data-00000.json",
+  assert sorted(os.listdir(out)) == [".pixart_output.json", "data-00000.array_record", "data-00000.json",
                                      "prepare_config.json"]  # shard 1 dropped, no temp files
   mtimes = [os.stat(p).st_mtime_ns for p in shard_paths(out, 0)]
   with pytest.raises(ValueError, match="shard_size"):   # a different config is refused
@@ -215,7 +215,7 @@ def test_hosts_split_shards(tmp_path, pixel_encoders):
   kw = dict(options=opts, progress=False, process_count=2, barrier=lambda: None)
   assert prepare_lib.prepare(source, pixel_encoders, out, process_index=1, **kw) is None
   assert sorted(f for f in os.listdir(out) if f.endswith(".json")) == [
-      ".pixart_dataset.json", "data-00001.json", "prepare_config.json"]   # host 1 owns shard 1 of 3
+      ".pixart_output.json", "data-00001.json", "prepare_config.json"]   # host 1 owns shard 1 of 3
   with pytest.raises(RuntimeError, match="missing"):   # host 0 alone cannot finish: shard 2 absent
     prepare_lib.write_manifest(str(out), num_shards=3, table=TABLE, table_name=None,
                                encoders=prepare_lib.encoders_info(pixel_encoders),
@@ -379,8 +379,8 @@ def test_fifo_and_device_named_as_images_are_skipped(tmp_path, pixel_encoders):
 
 
 def test_prepare_refuses_a_foreign_output_folder(tmp_path, pixel_encoders):
-  """An unrelated folder holding manifest.json / data-00000.* is refused before anything is written; --overwrite
-  (overwrite=True) lets prepare write there."""
+  """An unrelated folder holding manifest.json / data-00000.* is refused before anything is written, with
+  --overwrite (overwrite=True) too."""
   src = tmp_path / "src"
   src.mkdir()
   _save(src / "a.png", (64, 64), 0)
@@ -396,6 +396,28 @@ def test_prepare_refuses_a_foreign_output_folder(tmp_path, pixel_encoders):
   with pytest.raises(ValueError, match="overlaps the input folder"):
     prepare_lib.prepare(sources.resolve_source(str(src)), pixel_encoders, src / "out", options=opts, progress=False)
   assert not (src / "out").exists()
-  manifest = prepare_lib.prepare(sources.resolve_source(str(src)), pixel_encoders, out, options=opts,
+  with pytest.raises(FileExistsError, match="never replaced or deleted"):
+    prepare_lib.prepare(sources.resolve_source(str(src)), pixel_encoders, out, options=opts, progress=False,
+                        overwrite=True)
+  assert sorted(os.listdir(out)) == ["manifest.json", "notes.txt"] and (out / "manifest.json").read_text() == "precious"
+
+
+def test_prepare_overwrite_replaces_only_its_own_dataset(tmp_path, pixel_encoders):
+  """A rerun with another configuration is refused; with overwrite=True prepare deletes its own dataset files
+  (config, manifest, shards) and writes the new one; a file the user put in the folder stays."""
+  src = tmp_path / "src"
+  src.mkdir()
+  _save(src / "a.png", (64, 64), 0)
+  (src / "a.txt").write_text(CAPTIONS[0])
+  out = tmp_path / "ds"
+  opts = prepare_lib.PrepareOptions(table=TABLE, batch_size=2, min_side=16)
+  assert prepare_lib.prepare(sources.resolve_source(str(src)), pixel_encoders, out, options=opts,
+                             progress=False)["num_records"] == 1
+  (out / "notes.txt").write_text("mine")
+  strict = prepare_lib.PrepareOptions(table=TABLE, batch_size=2, min_side=128)
+  with pytest.raises(ValueError, match=r"min_side: was 16, now 128.*pass --overwrite"):
+    prepare_lib.prepare(sources.resolve_source(str(src)), pixel_encoders, out, options=strict, progress=False)
+  manifest = prepare_lib.prepare(sources.resolve_source(str(src)), pixel_encoders, out, options=strict,
                                  progress=False, overwrite=True)
-  assert manifest["num_records"] == 1 and (out / "notes.txt").read_text() == "mine"
+  assert manifest["num_records"] == 0 and (out / "notes.txt").read_text() == "mine"
+  assert json.loads((out / "prepare_config.json").read_text())["min_side"] == 128

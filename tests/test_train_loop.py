@@ -107,6 +107,38 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_one(reference, tm
   assert (wd / "checkpoints" / "4.corrupt").is_dir() and (wd / "checkpoints" / "4").is_dir()
 
 
+def test_convert_reads_the_newest_verified_checkpoint_and_never_moves_any(reference, tmp_path, caplog):
+  """`convert --source WORKDIR` (convert.ours.open_workdir) checks the step's checksums.json: a newest step whose
+  arrays differ from its checksums is skipped for the previous one (warning), none usable -> one
+  CheckpointCorruptError naming the workdir; the workdir is never modified."""
+  from pixart_jax.convert import ours
+  from pixart_jax.train.checkpoint import CheckpointCorruptError
+
+  wd = tmp_path / "wd"
+  shutil.copytree(reference["full"], wd)
+  intact = ours.open_workdir(wd)
+  assert "step 4" in intact.name
+
+  def spoil(step):
+    path = wd / "checkpoints" / str(step) / "checksums.json"
+    doc = json.loads(path.read_text())
+    for sums in doc["items"].values():
+      leaf = sorted(sums)[0]
+      sums[leaf] = f"{int(sums[leaf], 16) ^ 1:016x}"
+    path.write_text(json.dumps(doc))
+
+  spoil(4)
+  before = sorted(p.name for p in (wd / "checkpoints").iterdir())
+  with caplog.at_level(logging.WARNING):
+    fallback = ours.open_workdir(wd)
+  assert "step 3" in fallback.name and "differ from the checksums" in caplog.text
+  assert any(not np.array_equal(fallback.get(k), intact.get(k)) for k in intact.keys())  # really step 3's weights
+  spoil(3)
+  with pytest.raises(CheckpointCorruptError, match=r"no checkpoint of .*wd can be read: all 2 steps \[3, 4\]"):
+    ours.open_workdir(wd)
+  assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == before
+
+
 def test_loss_decreases_on_a_small_dataset(reference, tmp_path):
   """30 steps over 64 synthetic examples: the loss falls well below its start (mean of the last 5 steps)."""
   _train(tmp_path / "overfit", steps=30)

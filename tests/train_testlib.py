@@ -30,12 +30,7 @@ def smoke_config(**overrides):
   spec.loader.exec_module(module)
   c = module.get_config("smoke")
   c.mesh = MESH_FSDP
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 

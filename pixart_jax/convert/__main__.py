@@ -27,7 +27,7 @@ flags.DEFINE_string("config", None, "DiT preset name (pixart_jax.models.config.P
 flags.DEFINE_string("base", None, "With --to=diffusers: a diffusers PixArt-Sigma pipeline dir or Hub id whose "
                     "text encoder, tokenizer, VAE and scheduler complete the output into a whole pipeline directory.")
 flags.DEFINE_bool("overwrite", False, "Replace an earlier output of this tool in --out (a folder holding its "
-                  ".pixart_convert.json marker). Folders holding anything else are never replaced.")
+                  ".pixart_output.json marker of convert). Folders holding anything else are never replaced.")
 flags.DEFINE_integer("max_shard_mb", 10 * 1024, "Largest safetensors shard written by --to=diffusers, in MiB.")
 
 
@@ -43,10 +43,10 @@ def main(argv):
   to = FLAGS.to or ("diffusers" if src_is_ours else "orbax")
   if FLAGS.base and to != "diffusers":
     raise app.UsageError("--base completes a diffusers pipeline: it needs --to=diffusers")
-  from pixart_jax.convert.outputs import check_disjoint, claim_output
+  from pixart_jax.outputs import claim_output
 
-  check_disjoint(FLAGS.out, {"--source": FLAGS.source, "--base": FLAGS.base})
-  claim_output(FLAGS.out, what=to, overwrite=FLAGS.overwrite, write_marker=False)  # refuse before loading anything
+  claim_output(FLAGS.out, tool="convert", overwrite=FLAGS.overwrite, inputs={"--source": FLAGS.source, "--base": FLAGS.base},
+               write_marker=False)  # refuse before loading anything
   if orbax_io.is_orbax_dir(FLAGS.source) and not FLAGS.config:
     model = orbax_io.load_transformer_orbax(FLAGS.source)
   else:

@@ -22,7 +22,7 @@ from flax import nnx
 
 from pixart_jax.convert import dit_keys, orbax_io, ours
 from pixart_jax.convert.hub import component_dir, read_config, read_json, resolve_local
-from pixart_jax.convert.outputs import claim_output
+from pixart_jax.outputs import claim_output
 from pixart_jax.convert.sources import open_tensors
 from pixart_jax.convert.strict import WeightLoadError, load_into
 from pixart_jax.models.attention_backends import AttentionOptions
@@ -189,8 +189,8 @@ def flat_targets_values(state) -> list[tuple[tuple, jax.Array]]:
 def export_transformer(model: PixArtSigma, out_dir: str | os.PathLike, *, max_shard_bytes: int = 10 * 2**30,
                        dtype=np.float32, overwrite: bool = False) -> pathlib.Path:
   """Writes a diffusers-format `transformer/` directory (config.json + safetensors) from our model. `out_dir` must
-  be new, empty, or an earlier output of ours with `overwrite=True` (`convert.outputs.claim_output`)."""
-  out = claim_output(out_dir, what="diffusers transformer", overwrite=overwrite)
+  be new, empty, or an earlier output of ours with `overwrite=True` (`pixart_jax.outputs.claim_output`)."""
+  out = claim_output(out_dir, tool="convert", overwrite=overwrite)
   return write_transformer_files(model, out, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
 

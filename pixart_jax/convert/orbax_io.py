@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pixart_jax.convert.hub import read_json
-from pixart_jax.convert.outputs import claim_output
+from pixart_jax.outputs import claim_output
 from pixart_jax.models.attention_backends import AttentionOptions
 from pixart_jax.models.config import DiTConfig
 from pixart_jax.models.dit import PixArtSigma
@@ -48,10 +48,10 @@ def read_config(path: str | os.PathLike) -> DiTConfig:
 def save_transformer_orbax(model: PixArtSigma, out_dir: str | os.PathLike, *, overwrite: bool = False
                            ) -> pathlib.Path:
   """Writes the model's parameters and config; returns the directory. `out_dir` must be new, empty, or an earlier
-  output of ours with `overwrite=True` (`convert.outputs.claim_output`): an unrelated `params/` is never deleted."""
+  output of ours with `overwrite=True` (`pixart_jax.outputs.claim_output`): an unrelated `params/` is never deleted."""
   import orbax.checkpoint as ocp  # imported on use: `import pixart_jax` stays light
 
-  out = claim_output(out_dir, what="orbax", overwrite=overwrite, write_marker=jax.process_index() == 0)
+  out = claim_output(out_dir, tool="convert", overwrite=overwrite, write_marker=jax.process_index() == 0)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(out / "params", nnx.state(model, nnx.Param), force=True)
   ckptr.wait_until_finished()

@@ -9,12 +9,13 @@ weak-to-strong rules (docs/ARCHITECTURE.md §5.7):
   * micro-condition embedders (PixArt-alpha csize/ar) in the checkpoint but not in the new model: dropped.
 Anything else that does not fit (other depth/width, missing blocks) is a `WeightLoadError` naming the keys.
 
-Workdir: the newest step under `<workdir>/checkpoints/` whose items restore; its `ema` item if present (the
-weights to continue from), else `state.params`.
+Workdir: the newest step under `<workdir>/checkpoints/` whose item restores and matches the step's checksums.json
+(written by the trainer); its `ema` item if present (the weights to continue from), else `state.params`.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import pathlib
 
@@ -30,6 +31,8 @@ from pixart_jax.convert.strict import Put, flat_targets, load_into
 from pixart_jax.models.config import DiTConfig, from_preset
 from pixart_jax.models.spec import ModelSpec, abstract
 from pixart_jax.parallel.sharding import LOGICAL_RULES
+
+log = logging.getLogger(__name__)
 
 MICRO_PREFIX = "micro"
 
@@ -76,28 +79,67 @@ def _restore_tree(path):
   return ckptr.restore(path, target)
 
 
-def workdir_step(workdir: str | os.PathLike) -> int:
-  """The newest checkpoint step of a workdir."""
+def workdir_steps(workdir: str | os.PathLike) -> list[int]:
+  """The checkpoint steps of a workdir, oldest first (FileNotFoundError naming the folder when it has none)."""
   ck = _path(workdir) / "checkpoints"
-  steps = sorted(int(d.name) for d in ck.iterdir() if d.name.isdigit() and (d / "state").is_dir())
+  steps = sorted(int(d.name) for d in ck.iterdir() if d.name.isdigit() and (d / "state").is_dir()) \
+      if ck.is_dir() else []
   if not steps:
     raise FileNotFoundError(f"no checkpoint step under {ck}")
-  return steps[-1]
+  return steps
+
+
+def workdir_step(workdir: str | os.PathLike) -> int:
+  """The newest checkpoint step of a workdir."""
+  return workdir_steps(workdir)[-1]
+
+
+def _restore_verified(sdir: epath.Path, use_ema: bool) -> tuple[dict[str, np.ndarray], str]:
+  """(flat weights, item name) of one step: its EMA (or state params), checked against the step's checksums.json
+  (`train.checkpoint.verify_item`; a step without checksums is read unverified, with a warning)."""
+  from pixart_jax.train.checkpoint import verify_item
+
+  item = "ema" if use_ema and (sdir / "ema").is_dir() else "state"
+  tree = _restore_tree(sdir / item)
+  one_device = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("host",))
+  with jax.set_mesh(one_device):  # the restored arrays live on one device, whatever mesh the caller has set
+    verified = verify_item(sdir, item, tree)
+  if not verified:
+    log.warning("checkpoint %s has no checksums.json (an older version wrote it): read unverified", sdir)
+  if item == "ema":
+    return _flatten(tree), "ema"
+  if "params" not in tree:
+    raise ValueError(f"checkpoint {sdir}/state has no params (items {sorted(tree)})")
+  return _flatten(tree["params"]), "params"
 
 
 def open_workdir(workdir: str | os.PathLike, *, use_ema: bool = True) -> DictSource:
-  """The newest checkpoint's EMA (or params) as a flat source keyed by dotted parameter paths."""
+  """The newest restorable, verified checkpoint's EMA (or params) as a flat source keyed by dotted parameter paths.
+
+  A step whose files do not restore or whose arrays differ from its checksums is reported (warning) and the
+  previous one is read; the workdir is never modified (the trainer moves corrupt steps aside, not convert). When no
+  step can be read: CheckpointCorruptError naming the workdir and the newest step's error."""
+  from pixart_jax.train.checkpoint import CheckpointCorruptError
+
   wd = _path(workdir)
-  step = workdir_step(wd)
-  sdir = wd / "checkpoints" / str(step)
-  if use_ema and (sdir / "ema").is_dir():
-    flat, what = _flatten(_restore_tree(sdir / "ema")), "ema"
-  else:
-    state = _restore_tree(sdir / "state")
-    if "params" not in state:
-      raise ValueError(f"checkpoint {sdir}/state has no params (items {sorted(state)})")
-    flat, what = _flatten(state["params"]), "params"
-  return DictSource(flat, name=f"{wd} step {step} ({what})")
+  steps = workdir_steps(wd)
+  errors = []
+  for step in reversed(steps):
+    sdir = wd / "checkpoints" / str(step)
+    try:
+      flat, what = _restore_verified(sdir, use_ema)
+    except Exception as e:  # noqa: BLE001 - any failure to read a step makes it unusable
+      errors.append((step, e))
+      log.warning("checkpoint step %d of %s cannot be used (%s: %s); trying the previous one", step, wd,
+                  type(e).__name__, str(e).strip().splitlines()[0][:300] if str(e).strip() else "")
+      continue
+    if errors:
+      log.warning("reading step %d of %s instead of the unusable newer step(s) %s", step, wd, [s for s, _ in errors])
+    return DictSource(flat, name=f"{wd} step {step} ({what})")
+  step, error = errors[0]
+  first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+  raise CheckpointCorruptError(f"no checkpoint of {wd} can be read: all {len(steps)} steps {steps} are corrupt or "
+                               f"unreadable; the newest, step {step}, failed with {type(error).__name__}: {first}")
 
 
 def open_orbax(path: str | os.PathLike) -> DictSource:

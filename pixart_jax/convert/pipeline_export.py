@@ -13,7 +13,7 @@ import shutil
 
 from pixart_jax.convert.dit import write_transformer_files
 from pixart_jax.convert.hub import read_json, resolve_local
-from pixart_jax.convert.outputs import check_disjoint, claim_output
+from pixart_jax.outputs import check_disjoint, claim_output
 
 SCHEDULER_CONFIG = {
     "_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++", "beta_end": 0.02,
@@ -29,25 +29,24 @@ def export_pipeline(transformer, base: str | os.PathLike, out_dir: str | os.Path
   """transformer: our PixArtSigma; base: a diffusers PixArt-Sigma pipeline dir or Hub id.
 
   `out_dir` must not overlap `base`, and must be new, empty, or an earlier export of ours with `overwrite=True`
-  (`convert.outputs.claim_output`); both are checked before anything is written."""
+  (`pixart_jax.outputs.claim_output`); both are checked before anything is written."""
   base = resolve_local(base)
   check_disjoint(out_dir, {"--base": base})
   missing = [c for c in _COMPONENTS if not (base / c).is_dir()]
   if missing:
     raise FileNotFoundError(f"base pipeline {base} lacks {missing}")
   index = read_json(base / "model_index.json", "pipeline index") if (base / "model_index.json").exists() else {}
-  out = claim_output(out_dir, what="diffusers pipeline", overwrite=overwrite)
-  for c in _COMPONENTS:
+  out = claim_output(out_dir, tool="convert", overwrite=overwrite)
+  for c in (*_COMPONENTS, "scheduler", "transformer"):  # inside our marked folder: an earlier export's
     if (out / c).exists():
       shutil.rmtree(out / c)
+  for c in _COMPONENTS:
     shutil.copytree(base / c, out / c)
   if (base / "scheduler").is_dir():
-    shutil.copytree(base / "scheduler", out / "scheduler", dirs_exist_ok=True)
+    shutil.copytree(base / "scheduler", out / "scheduler")
   else:
-    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler").mkdir()
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
-  if (out / "transformer").exists():
-    shutil.rmtree(out / "transformer")  # inside our marked folder: an earlier export's
   write_transformer_files(transformer, out / "transformer", max_shard_bytes=max_shard_bytes)
   index.update({"_class_name": "PixArtSigmaPipeline",
                 "transformer": ["diffusers", "PixArtTransformer2DModel"]})

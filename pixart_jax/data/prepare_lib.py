@@ -2,9 +2,10 @@
 
 Output directory:
 
-  .pixart_dataset.json     the marker: written first when `prepare` creates (or is allowed to take) the folder.
-                           `prepare` writes only into a new or empty folder, one holding its marker (resume), or
-                           any folder with overwrite=True (`--overwrite`); never into or around its input folder
+  .pixart_output.json      the marker (`pixart_jax.outputs`): written first when `prepare` takes the folder.
+                           `prepare` writes only into a new or empty folder or one holding its marker (a rerun
+                           resumes; `--overwrite` replaces a dataset of another configuration); never into or
+                           around its input folder, never into a folder holding anything else
   prepare_config.json      what the run was asked to do (source, table, shard size, encoders, filters);
                            a rerun with a different config is refused instead of mixing datasets
   data-XXXXX.array_record  the records of source items [X * shard_size, (X+1) * shard_size)
@@ -30,6 +31,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -37,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixart_jax.convert.hub import read_json
 from pixart_jax.data import buckets, image_io
 from pixart_jax.data.encoders import Encoders
 from pixart_jax.data.image_io import SkipExample
@@ -44,13 +47,12 @@ from pixart_jax.data.records import (BF16, LatentRecord, ShardWriter, is_shard_d
                                      shard_paths)
 from pixart_jax.data.sources import Source
 from pixart_jax.models.vae import moments_to_mean_std
+from pixart_jax.outputs import claim_output
 
 MANIFEST_FORMAT = "pixart_jax.latent_dataset/1"
 MANIFEST = "manifest.json"
 CONFIG = "prepare_config.json"
 NULL_CAPTION = "null_caption.npy"
-MARKER = ".pixart_dataset.json"
-MARKER_FORMAT = "pixart_jax.prepared_dataset/1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,25 +119,13 @@ def _write_json_atomic(path: str, obj: Any, tag: str = "tmp") -> None:
   os.replace(tmp, path)
 
 
-def _read_json(path: str, what: str) -> Any:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (ValueError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is not a valid {what} (not JSON: {e})") from None
-
-
-def _inside(path: str, folder: str) -> bool:
-  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _source_dirs(source: Source) -> list[tuple[str, bool]]:
-  """(folder, whole tree) pairs the output must not overlap: a folder source's root (the output may be neither
-  it, nor inside it, nor around it) and a manifest's folder (neither it nor around it: images may sit anywhere)."""
+def _source_dirs(source: Source) -> tuple[str | None, str | None]:
+  """The folders the output must not overlap: a folder source's root (the output may be neither it, nor inside
+  it, nor around it) and a manifest's folder (neither it nor around it: images may sit anywhere), None where the
+  source has none."""
   while hasattr(source, "source") and hasattr(source, "indices"):  # a Subset
     source = source.source
-  out = [(getattr(source, "root", None), True), (getattr(source, "base", None), False)]
-  return [(os.path.realpath(d), tree) for d, tree in out if isinstance(d, str)]
+  return tuple(d if isinstance(d, str) else None for d in (getattr(source, "root", None), getattr(source, "base", None)))
 
 
 def _is_legacy_dataset(out_dir: str) -> bool:
@@ -149,53 +139,42 @@ def _is_legacy_dataset(out_dir: str) -> bool:
   return isinstance(cfg, dict) and {"source", "source_items", "shard_size", "encoders", "table"} <= set(cfg)
 
 
-def claim_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False, input_dirs=(),
-                     process_index: int = 0) -> str:
-  """Makes `out_dir` ours before anything is written into it; returns its absolute path.
-
-  Allowed: a new folder, an empty one, one holding our marker (a rerun resumes), one holding a dataset of an
-  older version (its prepare_config.json), or any folder with `overwrite` (files sharing our names are then
-  replaced; nothing else is touched). Refused (ValueError / FileExistsError naming the folder): a folder overlapping
-  one of `input_dirs` ((folder, whole tree) pairs, see `_source_dirs`); any other non-empty folder; a path that is not a folder. The marker is
-  written (atomically) before any other file, so every process of a multi-host run can check it independently.
-  """
-  out = os.path.realpath(os.fspath(out_dir))
-  for d, tree in input_dirs:
-    if (_inside(out, d) if tree else out == d) or _inside(d, out):
-      raise ValueError(f"--out {out} overlaps the input folder {d}: the dataset must be written outside the "
-                       "images (and must not contain them)")
-  if os.path.lexists(out) and not os.path.isdir(out):
-    raise FileExistsError(f"--out {out} exists and is not a folder")
-  os.makedirs(out, exist_ok=True)
-  entries = sorted(os.listdir(out))
-  marker = os.path.join(out, MARKER)
-  if os.path.exists(marker):
-    doc = _read_json(marker, f"{MARKER} marker")
-    if not isinstance(doc, dict) or doc.get("format") != MARKER_FORMAT:
-      raise ValueError(f"{marker} is not a {MARKER_FORMAT} marker; refusing to write into {out}")
-    return out
-  foreign = [e for e in entries if not e.startswith(MARKER)]  # the marker's temporary names are ours
-  if foreign and not overwrite and not _is_legacy_dataset(out):
-    raise FileExistsError(
-        f"--out {out} already holds {len(foreign)} file(s) prepare did not write (e.g. {foreign[:3]}); use a new or "
-        "empty folder, or pass --overwrite (overwrite=True) to let prepare replace files sharing its names there")
-  _write_json_atomic(marker, {"format": MARKER_FORMAT, "created_by": "pixart_jax.prepare"},
-                     tag=f"tmp{process_index}")
-  return out
+def claim_output_dir(out_dir: str | os.PathLike, source: Source | None = None, *, overwrite: bool = False,
+                     write_marker: bool = True) -> str:
+  """Makes `out_dir` prepare's output before anything is written into it (`pixart_jax.outputs.claim_output`: a new
+  or empty folder, or one prepare marked, which a rerun resumes; a dataset of an older version, recognised by its
+  prepare_config.json, is adopted); never a folder overlapping `source`'s folders. Returns its absolute path."""
+  root, base = _source_dirs(source)
+  return os.fspath(claim_output(out_dir, tool="prepare", resume=True, overwrite=overwrite,
+                                inputs={"the input folder": root, "the manifest's folder": base},
+                                may_lie_inside=("the manifest's folder",),
+                                adopt=lambda p: _is_legacy_dataset(os.fspath(p)), write_marker=write_marker))
 
 
-def _check_or_write_config(out_dir: str, config: dict, process_index: int) -> None:
+def _clear_dataset(out_dir: str) -> None:
+  """Deletes the dataset files prepare wrote into its own (marked) `out_dir`: config, manifest, null caption and
+  shards. Nothing else there is touched."""
+  for name in sorted(os.listdir(out_dir)):
+    if name in (CONFIG, MANIFEST, NULL_CAPTION) or re.fullmatch(r"data-\d+\.(array_record|json)", name):
+      os.remove(os.path.join(out_dir, name))
+
+
+def _check_or_write_config(out_dir: str, config: dict, process_index: int, overwrite: bool) -> None:
+  """Writes the run's config; a dataset already there with another config is refused, or replaced (all of prepare's
+  files there deleted first, on process 0) with `overwrite`."""
   path = os.path.join(out_dir, CONFIG)
   if os.path.exists(path):
-    old = _read_json(path, "prepare config")
-    if not isinstance(old, dict):
-      raise ValueError(f"{path} is not a prepare config (a JSON {type(old).__name__}, expected an object)")
+    old = read_json(path, "prepare config")
     diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-    if diff:
+    if not diff:
+      return
+    if not overwrite:
       details = "; ".join(f"{k}: was {old.get(k)!r}, now {config.get(k)!r}" for k in diff)
       raise ValueError(f"{out_dir} holds a dataset prepared with a different configuration "
-                       f"({details}); use a new --out directory or delete the old one")
-    return
+                       f"({details}); use a new --out directory, or pass --overwrite to replace that dataset")
+    if process_index != 0:
+      raise ValueError(f"{out_dir}: --overwrite of a dataset with another configuration runs on one host")
+    _clear_dataset(out_dir)
   _write_json_atomic(path, config, tag=f"tmp{process_index}")
 
 
@@ -383,7 +362,8 @@ def prepare(source: Source, encoders: Encoders, out_dir: str | os.PathLike, *,
             overwrite: bool = False) -> dict | None:
   """Encodes `source` into `out_dir` (module doc); resumes finished shards. Returns the manifest
   on process 0 (None elsewhere). Bad images are skipped and reported, never raised.
-  `out_dir` must be new, empty or ours (`claim_output_dir`); overwrite=True allows any other folder."""
+  `out_dir` must be new, empty or prepare's own (`claim_output_dir`); overwrite=True replaces a dataset prepared
+  there with another configuration."""
   from tqdm.auto import tqdm
   options.validate()
   out_dir = os.fspath(out_dir)
@@ -399,8 +379,8 @@ def prepare(source: Source, encoders: Encoders, out_dir: str | os.PathLike, *,
             "max_aspect": options.max_aspect}
   if options.control is not None:  # only then: datasets prepared before control existed keep their config
     config.update(control=options.control, control_sigma=options.control_sigma)
-  claim_output_dir(out_dir, overwrite=overwrite, input_dirs=_source_dirs(source), process_index=pi)
-  _check_or_write_config(out_dir, config, pi)
+  claim_output_dir(out_dir, source, overwrite=overwrite)
+  _check_or_write_config(out_dir, config, pi, overwrite)
   num_shards = math.ceil(n / options.shard_size)
   mine = [j for j in range(pi, num_shards, pc)]
   todo = [j for j in mine if not is_shard_done(out_dir, j)]

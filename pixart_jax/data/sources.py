@@ -182,12 +182,24 @@ class TfdsSource:
     try:
       import tensorflow_datasets as tfds  # optional dependency
     except ImportError:
-      raise ImportError("a tfds: source needs `pip install tensorflow-datasets` (TensorFlow is not "
+      raise ImportError("a tfds: source needs tensorflow-datasets: `pip install -e .[tfds]` (TensorFlow is not "
                         "needed: the dataset must be prepared in array_record format)") from None
     self.name, self.split = name, split
-    self.ds = tfds.data_source(name, split=split, data_dir=data_dir)
+    try:
+      self.ds = tfds.data_source(name, split=split, data_dir=data_dir)
+    except ValueError as e:  # DatasetNotFoundError, an unknown split: the first line names it (a list follows)
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      where = f" in --tfds_data_dir {data_dir}" if data_dir else " (default TFDS data_dir; see --tfds_data_dir)"
+      raise ValueError(f"source tfds:{name}:{split}{where}: {first}") from None
     self.image_field, self.caption_field = image_field, caption_field
     self.long_caption_field = long_caption_field or None
+    features = sorted(self.ds.dataset_info.features.keys())
+    if self.long_caption_field == "long_caption" and "long_caption" not in features:
+      self.long_caption_field = None  # the default name, absent: no long captions
+    for flag, field in (("--image_field", image_field), ("--caption_field", caption_field),
+                        ("--long_caption_field", self.long_caption_field)):
+      if field is not None and field not in features:
+        raise ValueError(f"source tfds:{name}:{split} has no feature {field!r} ({flag}); its features: {features}")
 
   def __len__(self) -> int:
     return len(self.ds)
@@ -205,11 +217,23 @@ class TfdsSource:
     long_caption = None
     if self.long_caption_field and ex.get(self.long_caption_field) is not None:
       long_caption = _check_caption(ex[self.long_caption_field], label, "long caption")
-    meta = {k: (v.item() if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v)
-            for k, v in ex.items() if k not in (self.image_field, self.caption_field,
-                                                self.long_caption_field)}
+    meta = {k: _tfds_scalar(v) for k, v in ex.items()
+            if k not in (self.image_field, self.caption_field, self.long_caption_field)}
     return RawExample(name=label, image=ex[self.image_field], caption=caption,
                       long_caption=long_caption, meta=_scalar_meta(meta, set()))
+
+
+def _tfds_scalar(v: Any) -> Any:
+  """A TFDS feature value as record meta: 0-d arrays become Python scalars, Text features (bytes) become str when
+  they are UTF-8; anything else is returned as is (and dropped by `_scalar_meta` unless it is a scalar)."""
+  if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+    v = v.item()
+  if isinstance(v, bytes):
+    try:
+      return v.decode("utf-8")
+    except UnicodeDecodeError:
+      return v
+  return v
 
 
 _REGISTRY: dict[str, Callable[[], Source]] = {}

@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from pixart_jax.models.attention_backends import AttentionOptions
 from pixart_jax.models.config import DiTConfig, from_preset
 from pixart_jax.models.spec import ModelSpec
+from pixart_jax.outputs import claim_output
 from pixart_jax.parallel.mesh import make_mesh
 from pixart_jax.parallel.sharding import LOGICAL_RULES
 from pixart_jax.train import flops as flops_lib
@@ -210,10 +211,10 @@ class _Run:
 def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = None) -> RunResult:
   """Trains `config` in `workdir` (resuming from its checkpoints). See the module docstring."""
   check_config(config)  # bad numbers fail before the workdir is touched
-  workdir = epath.Path(workdir)
   primary = jax.process_index() == 0
+  # the trainer's own folder (a rerun resumes there); a folder holding anything else is refused before any write
+  workdir = epath.Path(claim_output(workdir, tool="train", resume=True, flag="--workdir", write_marker=primary))
   if primary:
-    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   log.info("process %d/%d, %d devices (%d local): %s", jax.process_index(), jax.process_count(),
            jax.device_count(), jax.local_device_count(), jax.devices()[0].device_kind)

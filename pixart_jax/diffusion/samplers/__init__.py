@@ -1,12 +1,15 @@
 """Samplers over NHWC latents; each runs its whole loop as one `lax.scan` (one compiled program).
 
-Interface: `sample_xxx(model_fn, x_T, *, num_steps, key=None, return_trajectory=False, ...)`,
+Interface: `sample_xxx(model_fn, x_T, *, num_steps, key=None, return_trajectory=False, strength=1.0, known=None,
+...)`,
 with `model_fn(x (B,H,W,C) f32, t (B,) f32) -> (B,H,W,C or 2C)` already including guidance
 (see `pixart_jax.diffusion.guidance.cfg_model_fn`). Returns x_0, or (x_0, trajectory
-(S+1, B, H, W, C)).
+(S+1, B, H, W, C)). `strength` < 1 (image-to-image) and `known` (`Known`: the image's latents and an inpainting
+mask) start and steer the loop the same way for every sampler (`_common.py`).
 """
 from __future__ import annotations
 
+from pixart_jax.diffusion.samplers._common import Known, img2img_start
 from pixart_jax.diffusion.samplers.ddim import sample_ddim
 from pixart_jax.diffusion.samplers.dpm_solver import sample_dpm_solver
 from pixart_jax.diffusion.samplers.dpm_solver_official import sample_dpm_solver_official
@@ -41,5 +44,5 @@ def sample(name: str, model_fn, x_T, num_steps: int | None = None, key=None, **k
   return SAMPLERS[name](model_fn, x_T, num_steps=steps, key=key, **kw)
 
 
-__all__ = ["SAMPLERS", "DEFAULT_STEPS", "sample", "sample_ddim", "sample_dpm_solver",
+__all__ = ["Known", "img2img_start", "SAMPLERS", "DEFAULT_STEPS", "sample", "sample_ddim", "sample_dpm_solver",
            "sample_dpm_solver_official", "sample_iddpm", "sample_lcm", "sample_sa_solver"]

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pixart_jax.diffusion.schedule import DiffusionSchedule
-from pixart_jax.diffusion.samplers._common import (ModelFn, call_model, check_latents, check_steps,
-                                                   f32, noise_source, run_scan)
+from pixart_jax.diffusion.samplers._common import (Known, ModelFn, call_model, check_edit, check_latents,
+                                                   check_steps, f32, img2img_start, no_step_left, noise_source,
+                                                   run_edit_scan, start_state)
 
 SPACINGS = ("trailing", "leading", "linspace")
 
@@ -42,7 +43,8 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int, spacing: str,
 def sample_ddim(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 50, key=None, noise=None,
                 eta: float = 0.0, return_trajectory: bool = False,
                 schedule: DiffusionSchedule | None = None, timestep_spacing: str = "trailing",
-                set_alpha_to_one: bool = True, steps_offset: int = 0):
+                set_alpha_to_one: bool = True, steps_offset: int = 0, strength: float = 1.0,
+                known: Known | None = None):
   """DDIM sampling (diffusers DDIMScheduler semantics, clip_sample False).
 
   Args:
@@ -54,6 +56,8 @@ def sample_ddim(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 50, key
     return_trajectory: also return (S+1, B, H, W, C), trajectory[0] = x_T.
     schedule: training schedule (default linear 1000).
     timestep_spacing, set_alpha_to_one, steps_offset: as in diffusers (see module docstring).
+    strength / known: image-to-image and inpainting (`_common.Known`): only the steps
+      `img2img_start(num_steps, strength)` .. S-1 run (given noise then has one entry per step that runs).
   """
   schedule = schedule or DiffusionSchedule.linear()
   n = schedule.num_timesteps
@@ -61,6 +65,7 @@ def sample_ddim(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 50, key
   if eta < 0:
     raise ValueError(f"eta must be >= 0, got {eta}")
   x_T = check_latents(x_T)
+  check_edit(x_T, strength, known)
   ts = ddim_timesteps(num_steps, n, timestep_spacing, steps_offset)
   if ts.max() >= n or ts.min() < 0:
     raise ValueError(f"timesteps {ts.min()}..{ts.max()} fall outside [0, {n}) (check steps_offset)")
@@ -71,11 +76,18 @@ def sample_ddim(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 50, key
   acp_prev = np.where(prev >= 0, acp[np.clip(prev, 0, n - 1)], final)
   var = (1.0 - acp_prev) / (1.0 - acp_t) * (1.0 - acp_t / acp_prev)
   std = eta * np.sqrt(var)
-  xs = (f32(ts.astype(np.float64)), f32(np.sqrt(1.0 - acp_t)), f32(np.sqrt(acp_t)),
-        f32(np.sqrt(acp_prev)), f32(np.sqrt(1.0 - acp_prev - std ** 2)), f32(std))
+  level_at = np.stack([np.sqrt(acp_t), np.sqrt(1.0 - acp_t)], 1)  # the state step i takes
+  level_after = np.stack([np.sqrt(acp_prev), np.sqrt(1.0 - acp_prev)], 1)  # the state step i lands on
+  first = img2img_start(num_steps, strength)
+  if first == num_steps:
+    return no_step_left(known, return_trajectory)
+  x_start = start_state(x_T, known, strength, level_at[first])
+  run = slice(first, None)
+  xs = (f32(ts[run].astype(np.float64)), f32(np.sqrt(1.0 - acp_t[run])), f32(np.sqrt(acp_t[run])),
+        f32(np.sqrt(acp_prev[run])), f32(np.sqrt(1.0 - acp_prev[run] - std[run] ** 2)), f32(std[run]))
   stochastic = eta > 0
   if stochastic:
-    noise_xs, draw = noise_source(key, noise, num_steps, x_T.shape, "ddim with eta > 0")
+    noise_xs, draw = noise_source(key, noise, num_steps - first, x_T.shape, "ddim with eta > 0")
     xs = xs + (noise_xs,)
   c = x_T.shape[-1]
 
@@ -89,4 +101,4 @@ def sample_ddim(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 50, key
       x_prev = x_prev + sd * draw(xs_i[6])
     return (x_prev,)
 
-  return run_scan(step, (x_T,), xs, x_T, return_trajectory)
+  return run_edit_scan(step, (x_start,), xs, x_T, x_start, return_trajectory, known, level_after[first:])

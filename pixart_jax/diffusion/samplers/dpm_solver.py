@@ -21,8 +21,9 @@ import numpy as np
 import jax.numpy as jnp
 
 from pixart_jax.diffusion.schedule import DiffusionSchedule
-from pixart_jax.diffusion.samplers._common import (ModelFn, call_model, check_latents, check_steps,
-                                                   f32, run_scan)
+from pixart_jax.diffusion.samplers._common import (Known, ModelFn, call_model, check_edit, check_latents,
+                                                   check_steps, f32, img2img_start, no_step_left, run_edit_scan,
+                                                   start_state)
 
 
 def dpmpp_2m_coefficients(alpha: np.ndarray, sigma: np.ndarray,
@@ -62,11 +63,25 @@ def dpmpp_2m_coefficients(alpha: np.ndarray, sigma: np.ndarray,
 
 
 def run_dpmpp_2m(model_fn: ModelFn, x_T: jnp.ndarray, t_model: np.ndarray, alpha: np.ndarray,
-                 sigma: np.ndarray, orders: np.ndarray, return_trajectory: bool):
+                 sigma: np.ndarray, orders: np.ndarray, return_trajectory: bool, *, strength: float = 1.0,
+                 known: Known | None = None):
   """The jitted-friendly multistep loop shared by the diffusers and the official DPM-Solver++.
 
-  t_model: (S,) model time of each evaluation; alpha, sigma: (S+1,) grid; orders: (S,).
+  t_model: (S,) model time of each evaluation; alpha, sigma: (S+1,) grid; orders: (S,) of the full run.
+  strength / known: image-to-image and inpainting (`_common.Known`): the steps `img2img_start(S, strength)` ..
+  S-1 run on the rest of the grid, the multistep warm-up starting again (first order, as diffusers'
+  scheduler does after `set_begin_index`: its `lower_order_nums` starts at 0).
   """
+  check_edit(x_T, strength, known)
+  steps = len(orders)
+  first = img2img_start(steps, strength)
+  if first == steps:
+    return no_step_left(known, return_trajectory)
+  x_start = start_state(x_T, known, strength, (alpha[first], sigma[first]))
+  if first:
+    t_model, alpha, sigma = t_model[first:], alpha[first:], sigma[first:]
+    orders = np.array(orders[first:])
+    orders[0] = 1
   c = x_T.shape[-1]
   coef = dpmpp_2m_coefficients(alpha, sigma, orders)
   xs = (f32(t_model), f32(alpha[:-1]), f32(sigma[:-1]), f32(coef["x_coef"]), f32(coef["d0_coef"]),
@@ -80,7 +95,8 @@ def run_dpmpp_2m(model_fn: ModelFn, x_T: jnp.ndarray, t_model: np.ndarray, alpha
     x_next = cx * x - c0 * x0 - c1 * (x0 - x0_prev)
     return x_next, x0
 
-  return run_scan(step, (x_T, jnp.zeros_like(x_T)), xs, x_T, return_trajectory)
+  return run_edit_scan(step, (x_start, jnp.zeros_like(x_T)), xs, x_T, x_start, return_trajectory, known,
+                       np.stack([alpha[1:], sigma[1:]], 1))
 
 
 def diffusers_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
@@ -90,7 +106,7 @@ def diffusers_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.n
 
 def sample_dpm_solver(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 20, key=None,
                       return_trajectory: bool = False, schedule: DiffusionSchedule | None = None,
-                      order: int = 2):
+                      order: int = 2, strength: float = 1.0, known: Known | None = None):
   """DPM-Solver++(2M) as diffusers runs it for PixArt-Sigma (the default sampler).
 
   Args:
@@ -102,6 +118,7 @@ def sample_dpm_solver(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 2
     return_trajectory: also return the states (S+1, B, H, W, C), trajectory[0] = x_T.
     schedule: the training schedule (default linear 1000 steps).
     order: 2 (midpoint multistep) or 1 (DDIM-like first order).
+    strength / known: image-to-image and inpainting (`_common.Known`, `run_dpmpp_2m`).
   """
   del key
   schedule = schedule or DiffusionSchedule.linear()
@@ -118,4 +135,5 @@ def sample_dpm_solver(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 2
   orders = np.full(num_steps, order)
   orders[0] = 1
   orders[-1] = 1  # final_sigmas_type "zero" always ends with a first-order step
-  return run_dpmpp_2m(model_fn, x_T, ts.astype(np.float64), alpha, sigma, orders, return_trajectory)
+  return run_dpmpp_2m(model_fn, x_T, ts.astype(np.float64), alpha, sigma, orders, return_trajectory,
+                      strength=strength, known=known)

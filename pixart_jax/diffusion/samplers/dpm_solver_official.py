@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pixart_jax.diffusion.schedule import DiffusionSchedule
-from pixart_jax.diffusion.samplers._common import ModelFn, check_latents, check_steps
+from pixart_jax.diffusion.samplers._common import Known, ModelFn, check_latents, check_steps
 from pixart_jax.diffusion.samplers.dpm_solver import run_dpmpp_2m
 
 SKIP_TYPES = ("time_uniform", "time_quadratic", "logSNR")
@@ -81,7 +81,8 @@ def sample_dpm_solver_official(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps
                                key=None, return_trajectory: bool = False,
                                schedule: DiffusionSchedule | None = None, order: int = 2,
                                skip_type: str = "time_uniform", t_start: float = 1.0,
-                               t_end: float | None = None, lower_order_final: bool = True):
+                               t_end: float | None = None, lower_order_final: bool = True,
+                               strength: float = 1.0, known: Known | None = None):
   """Official PixArt DPM-Solver++ multistep sampler.
 
   Args:
@@ -95,6 +96,8 @@ def sample_dpm_solver_official(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps
     order: 1 or 2; skip_type: 'time_uniform' | 'time_quadratic' | 'logSNR';
     t_start / t_end: continuous start / end times (default 1 and 1/N);
     lower_order_final: the last step uses order 1.
+    strength / known: image-to-image and inpainting (`_common.Known`): the steps `img2img_start(S, strength)` ..
+      S-1 of the grid run, with the multistep warm-up (first order) starting again.
   """
   del key
   schedule = schedule or DiffusionSchedule.linear()
@@ -112,7 +115,8 @@ def sample_dpm_solver_official(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps
   alpha, sigma = ns.marginal_alpha(grid), ns.marginal_std(grid)
   t_model = (grid[:-1] - 1.0 / ns.total_n) * 1000.0
   step_no = np.arange(1, num_steps + 1)  # official step index of the update landing on grid[i+1]
-  orders = np.minimum(order, step_no)  # warm-up: the first step is order 1
+  orders = np.minimum(order, step_no)  # warm-up: the first step is order 1 (run_dpmpp_2m: the first that runs)
   if lower_order_final:
     orders = np.minimum(orders, num_steps + 1 - step_no)
-  return run_dpmpp_2m(model_fn, x_T, t_model, alpha, sigma, orders, return_trajectory)
+  return run_dpmpp_2m(model_fn, x_T, t_model, alpha, sigma, orders, return_trajectory, strength=strength,
+                      known=known)

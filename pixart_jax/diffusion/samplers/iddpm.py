@@ -15,13 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from pixart_jax.diffusion.schedule import DiffusionSchedule
-from pixart_jax.diffusion.samplers._common import (ModelFn, call_model, check_latents, check_steps,
-                                                   f32, noise_source, run_scan)
+from pixart_jax.diffusion.samplers._common import (Known, ModelFn, call_model, check_edit, check_latents,
+                                                   check_steps, f32, img2img_start, no_step_left, noise_source,
+                                                   run_edit_scan, start_state)
 
 
 def sample_iddpm(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 100, key=None, noise=None,
                  return_trajectory: bool = False, schedule: DiffusionSchedule | None = None,
-                 clip_denoised: bool = False):
+                 clip_denoised: bool = False, strength: float = 1.0, known: Known | None = None):
   """IDDPM p_sample_loop on `schedule.respace(num_steps)`.
 
   Args:
@@ -33,12 +34,21 @@ def sample_iddpm(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 100, k
     return_trajectory: also return (S+1, B, H, W, C), trajectory[0] = x_T.
     schedule: the full training schedule (default linear 1000); it is respaced here.
     clip_denoised: clip the x0 prediction to [-1, 1] (PixArt: False).
+    strength / known: image-to-image and inpainting (`_common.Known`): only the steps
+      `img2img_start(num_steps, strength)` .. S-1 run (given noise then has one entry per step that runs).
   """
   base = schedule or DiffusionSchedule.linear()
   num_steps = check_steps(num_steps, base.num_timesteps)
   x_T = check_latents(x_T)
+  check_edit(x_T, strength, known)
   sp = base.respace(num_steps)
-  order = np.arange(sp.num_timesteps)[::-1]  # respaced indices, noisiest first
+  first = img2img_start(sp.num_timesteps, strength)
+  if first == sp.num_timesteps:
+    return no_step_left(known, return_trajectory)
+  order = np.arange(sp.num_timesteps)[::-1][first:]  # respaced indices, noisiest first (those that run)
+  acp = sp.alphas_cumprod
+  x_start = start_state(x_T, known, strength, (np.sqrt(acp[order[0]]), np.sqrt(1.0 - acp[order[0]])))
+  acp_after = sp.alphas_cumprod_prev[order]  # index k lands on k - 1 (the last on x_0: acp 1)
   nonzero = (order != 0).astype(np.float64)
   # mean = c1 (r x - r1 eps) + c2 x = (c1 r + c2) x - (c1 r1) eps: folded in float64, which
   # avoids the fp32 cancellation of r x - r1 eps (r, r1 ~ 157 at high noise).
@@ -49,7 +59,7 @@ def sample_iddpm(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 100, k
       for a in (sp.timestep_map.astype(np.float64), sp.sqrt_recip_alphas_cumprod,
                 sp.sqrt_recipm1_alphas_cumprod, sp.posterior_mean_coef1, sp.posterior_mean_coef2,
                 fold_x, fold_eps, sp.posterior_log_variance_clipped, sp.log_betas))
-  noise_xs, draw = noise_source(key, noise, sp.num_timesteps, x_T.shape, "iddpm")
+  noise_xs, draw = noise_source(key, noise, len(order), x_T.shape, "iddpm")
   c = x_T.shape[-1]
 
   def step(carry, xs_i):
@@ -69,4 +79,5 @@ def sample_iddpm(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 100, k
     return (mean + nz_on * jnp.exp(0.5 * log_var) * draw(nz),)
 
   xs = xs_tables + (f32(nonzero), noise_xs)
-  return run_scan(step, (x_T,), xs, x_T, return_trajectory)
+  return run_edit_scan(step, (x_start,), xs, x_T, x_start, return_trajectory, known,
+                       np.stack([np.sqrt(acp_after), np.sqrt(1.0 - acp_after)], 1))

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pixart_jax.diffusion.schedule import DiffusionSchedule
-from pixart_jax.diffusion.samplers._common import (ModelFn, call_model, check_latents, check_steps, f32,
-                                                   noise_source, run_scan)
+from pixart_jax.diffusion.samplers._common import (Known, ModelFn, call_model, check_edit, check_latents,
+                                                   check_steps, f32, no_step_left, noise_source, run_edit_scan,
+                                                   start_state)
 
 SIGMA_DATA = 0.5
 
@@ -57,7 +58,8 @@ def boundary_scalings(t: np.ndarray, timestep_scaling: float = 10.0) -> tuple[np
 
 def sample_lcm(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 4, key=None, noise=None,
                return_trajectory: bool = False, schedule: DiffusionSchedule | None = None,
-               original_inference_steps: int = 50, timestep_scaling: float = 10.0):
+               original_inference_steps: int = 50, timestep_scaling: float = 10.0, strength: float = 1.0,
+               known: Known | None = None):
   """LCM multistep sampling (diffusers LCMScheduler semantics: epsilon prediction, set_alpha_to_one).
 
   Args:
@@ -70,15 +72,25 @@ def sample_lcm(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 4, key=N
     return_trajectory: also return (S+1, B, H, W, C), trajectory[0] = x_T.
     schedule: training schedule (default: PixArt's linear 1000).
     original_inference_steps, timestep_scaling: as in diffusers (50 and 10: PixArt-LCM's scheduler config).
+    strength / known: image-to-image and inpainting (`_common.Known`). As diffusers'
+      LatentConsistencyModelImg2ImgPipeline: the timesteps are `set_timesteps(S, strength=strength)` (the
+      distillation grid cut to its first int(original_inference_steps * strength) entries), all S of them run.
+      Where that grid holds fewer than S timesteps, all of them run (diffusers refuses), none: the image returns.
   """
   schedule = schedule or DiffusionSchedule.linear()
   n = schedule.num_timesteps
   num_steps = check_steps(num_steps, n)
   x_T = check_latents(x_T)
-  ts = lcm_timesteps(num_steps, n, original_inference_steps)
+  check_edit(x_T, strength, known)
+  if strength < 1.0:
+    num_steps = min(num_steps, len(lcm_origin_timesteps(original_inference_steps, n, strength)))
+  if num_steps == 0:
+    return no_step_left(known, return_trajectory)
+  ts = lcm_timesteps(num_steps, n, original_inference_steps, strength)
   acp = schedule.alphas_cumprod
   acp_t = acp[ts]
   acp_next = np.append(acp[ts[1:]], 1.0)  # the last step keeps the denoised sample (no re-noising)
+  x_start = start_state(x_T, known, strength, (np.sqrt(acp_t[0]), np.sqrt(1.0 - acp_t[0])))
   c_skip, c_out = boundary_scalings(ts, timestep_scaling)
   xs = (f32(ts.astype(np.float64)), f32(np.sqrt(1.0 - acp_t)), f32(np.sqrt(acp_t)), f32(c_skip), f32(c_out),
         f32(np.sqrt(acp_next)), f32(np.sqrt(1.0 - acp_next)))
@@ -97,4 +109,5 @@ def sample_lcm(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 4, key=N
       return (denoised,)
     return (sq_next * denoised + sq_1m_next * draw(xs_i[7]),)
 
-  return run_scan(step, (x_T,), xs, x_T, return_trajectory)
+  return run_edit_scan(step, (x_start,), xs, x_T, x_start, return_trajectory, known,
+                       np.stack([np.sqrt(acp_next), np.sqrt(1.0 - acp_next)], 1))

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pixart_jax.diffusion.schedule import DiffusionSchedule
-from pixart_jax.diffusion.samplers._common import (ModelFn, call_model, check_latents, check_steps,
-                                                   f32, noise_source, run_scan)
+from pixart_jax.diffusion.samplers._common import (Known, ModelFn, call_model, check_edit, check_latents,
+                                                   check_steps, f32, img2img_start, no_step_left, noise_source,
+                                                   run_edit_scan, start_state)
 from pixart_jax.diffusion.samplers.dpm_solver import diffusers_timesteps
 
 
@@ -128,7 +129,8 @@ def sa_solver_tables(timesteps: np.ndarray, sig_ve: np.ndarray, predictor_order:
 def sample_sa_solver(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 25, key=None,
                      noise=None, return_trajectory: bool = False,
                      schedule: DiffusionSchedule | None = None, predictor_order: int = 2,
-                     corrector_order: int = 2, tau_fn: Callable[[int], float] | None = None):
+                     corrector_order: int = 2, tau_fn: Callable[[int], float] | None = None,
+                     strength: float = 1.0, known: Known | None = None):
   """SA-Solver (diffusers SASolverScheduler, data prediction).
 
   Args:
@@ -142,6 +144,10 @@ def sample_sa_solver(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 25
     schedule: training schedule (default linear 1000).
     predictor_order, corrector_order: 1..3.
     tau_fn: tau(integer timestep) -> float; default 1 on [200, 800] else 0.
+    strength / known: image-to-image and inpainting (`_common.Known`): only the steps
+      `img2img_start(num_steps, strength)` .. S-1 run, their bookkeeping starting again (no corrector at the
+      first, lower orders first) as in diffusers' scheduler after `set_begin_index`; given noise then has one
+      entry per step that runs.
   """
   schedule = schedule or DiffusionSchedule.linear()
   n = schedule.num_timesteps
@@ -150,11 +156,18 @@ def sample_sa_solver(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 25
     if o not in (1, 2, 3):
       raise ValueError(f"{name} must be 1, 2 or 3, got {o}")
   x_T = check_latents(x_T)
+  check_edit(x_T, strength, known)
   tau_fn = tau_fn or default_tau
   ts = diffusers_timesteps(num_steps, n)
   acp = schedule.alphas_cumprod
   sig_all = np.sqrt((1.0 - acp) / acp)
   sig_ve = np.append(sig_all[ts], sig_all[0])
+  first = img2img_start(num_steps, strength)
+  if first == num_steps:
+    return no_step_left(known, return_trajectory)
+  ts, sig_ve, num_steps = ts[first:], sig_ve[first:], num_steps - first
+  levels = np.stack([1.0 / np.sqrt(sig_ve ** 2 + 1.0), sig_ve / np.sqrt(sig_ve ** 2 + 1.0)], 1)
+  x_start = start_state(x_T, known, strength, levels[0])
   tab = sa_solver_tables(ts, sig_ve, predictor_order, corrector_order, tau_fn)
   alpha = 1.0 / np.sqrt(sig_ve[:-1] ** 2 + 1.0)
   sigma = sig_ve[:-1] * alpha
@@ -179,5 +192,5 @@ def sample_sa_solver(model_fn: ModelFn, x_T: jnp.ndarray, *, num_steps: int = 25
     return x_next, x, nz, new_past
 
   past0 = jnp.zeros((max(hist - 1, 1),) + x_T.shape, jnp.float32)
-  carry = (x_T, jnp.zeros_like(x_T), jnp.zeros_like(x_T), past0)
-  return run_scan(step, carry, xs, x_T, return_trajectory)
+  carry = (x_start, jnp.zeros_like(x_T), jnp.zeros_like(x_T), past0)
+  return run_edit_scan(step, carry, xs, x_T, x_start, return_trajectory, known, levels[1:])
