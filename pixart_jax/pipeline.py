@@ -118,7 +118,8 @@ class Pipeline:
   """
 
   def __init__(self, text_encoder: TextEncoder, transformer: PixArtSigma, vae: AutoencoderKL, *,
-               mesh: jax.sharding.Mesh | None = None, rules=LOGICAL_RULES):
+               mesh: jax.sharding.Mesh | None = None, rules=LOGICAL_RULES, controlnet=None):
+    """controlnet: a `models.controlnet.ControlBranch` on `transformer` (enables `control_image=`), or None."""
     cfg = transformer.cfg
     width = getattr(text_encoder, "hidden_size", None)
     if width is not None and width != cfg.caption_channels:
@@ -140,6 +141,14 @@ class Pipeline:
     self._denoise = jax.jit(self._denoise_traced, static_argnames=STATIC_ARGNAMES + ("sequence_parallel",))
     self._decode = jax.jit(self._decode_impl, static_argnames=("height", "width"))
     self._encode = jax.jit(self._encode_impl, static_argnames=("height", "width"))
+    self.controlnet = None
+    if controlnet is not None:
+      from pixart_jax.models.controlnet import ControlPixArtSigma
+
+      if mesh is not None:
+        shard_model(controlnet, mesh, rules)
+      self.controlnet = ControlPixArtSigma(transformer, controlnet)
+      self._ctrl_graph, self._ctrl_state = nnx.split(self.controlnet)
 
   # -----------------------------------------------------------------------------------------------------------
   @classmethod
@@ -147,7 +156,8 @@ class Pipeline:
                       vae_dtype=jnp.float32,
                       transformer: str | os.PathLike | None = None, transformer_config=None,
                       attention: AttentionOptions | str | None = None, mesh: jax.sharding.Mesh | None = None,
-                      rules=LOGICAL_RULES, progress: bool = False) -> "Pipeline":
+                      rules=LOGICAL_RULES, progress: bool = False, controlnet: str | os.PathLike | None = None
+                      ) -> "Pipeline":
     """src: a diffusers PixArt-Sigma pipeline directory or Hub id (transformer/, text_encoder/, tokenizer/, vae/).
 
     transformer: another source for the DiT (a .pth, an Orbax dir from `convert`, a transformer/ dir, a Hub id),
@@ -156,6 +166,8 @@ class Pipeline:
     text_dtype: compute dtype of T5 (default: `dtype`). vae_dtype: compute dtype of the VAE (float32 default).
     attention: how the DiT's attention runs (`AttentionOptions`, a backend name such as "splash", None: auto,
       i.e. splash on TPU, cuDNN on GPU for bf16/fp16, blockwise otherwise).
+    controlnet: official-layout ControlNet weights (`convert.controlnet_keys`): a branch file (`controlnet.*` keys,
+      as training exports it) attached to the DiT, or a whole ControlPixArtHalf checkpoint (its base replaces the DiT).
     """
     from pixart_jax.convert.dit import load_transformer
     from pixart_jax.convert.hub import resolve_local
@@ -166,13 +178,23 @@ class Pipeline:
                            attention=attention, mesh=mesh, rules=rules, progress=progress)
     text = TextEncoder.from_pretrained(local, dtype=text_dtype or dtype, mesh=mesh, rules=rules, progress=progress)
     vae = load_vae(local, dtype=vae_dtype)
-    return cls(text, dit, vae, mesh=mesh, rules=rules)
+    branch = None
+    if controlnet is not None:
+      from pixart_jax.convert.controlnet_keys import attach_controlnet
+
+      wrapped = attach_controlnet(controlnet, dit, mesh=mesh, rules=rules)
+      dit, branch = wrapped.base_model, wrapped.controlnet
+    return cls(text, dit, vae, mesh=mesh, rules=rules, controlnet=branch)
 
   # -----------------------------------------------------------------------------------------------------------
-  def _denoise_traced(self, state, latents, cond, uncond, scale, key, *, sequence_parallel=False, **static):
+  def _denoise_traced(self, state, latents, cond, uncond, scale, key, control=None, *, sequence_parallel=False,
+                      **static):
     self.num_traces += 1
-    graph = self._sp_graph if sequence_parallel else self._dit_graph
-    return denoise(graph, state, latents, cond, uncond, scale, key, **static)
+    if control is not None:
+      graph = self._ctrl_graph
+    else:
+      graph = self._sp_graph if sequence_parallel else self._dit_graph
+    return denoise(graph, state, latents, cond, uncond, scale, key, control=control, **static)
 
   def layout(self, batch: int, sample_height: int, sample_width: int, *, sequence_shards: int | None = None,
              vae_tile_latent: int | None = None) -> sampling_layout.SamplingLayout:
@@ -196,6 +218,22 @@ class Pipeline:
       state = jax.device_put(self._dit_state, state_shardings(self._dit_state, mesh, self.rules))
       self._placed = (shards, mesh, state)
     return self._placed[1], self._placed[2]
+
+  def control_latents(self, control_image, batch: int, height: int, width: int) -> jax.Array:
+    """Control image(s) -> (batch, height/f, width/f, C) diffusion-space latents (the VAE posterior mean).
+
+    control_image: one image or `batch` images, uint8 (H W 3) / (B H W 3) or a PIL image, resized to cover
+    height x width and center-cropped (as the official ControlNet inference script does), VAE-encoded as `image`."""
+    arr = np.asarray(control_image)
+    if arr.ndim == 3:
+      arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+      raise ValueError(f"control_image must be uint8 RGB (H, W, 3) or (B, H, W, 3), got {arr.dtype} {arr.shape}")
+    if arr.shape[0] not in (1, batch):
+      raise ValueError(f"control_image holds {arr.shape[0]} images for {batch} prompts: give 1 or {batch}")
+    x = jnp.asarray(arr.astype(np.float32) / 127.5 - 1.0)
+    lat = self._encode(self._vae_state, x, height=height, width=width)
+    return jnp.broadcast_to(lat, (batch, *lat.shape[1:])).astype(jnp.float32)
 
   def _decode_impl(self, state, z, *, height, width):
     vae = nnx.merge(self._vae_graph, state)
@@ -241,7 +279,7 @@ class Pipeline:
                guidance_mode: str = "diffusers", text_preprocessing: str = "lower",
                vae_tile_latent: int | None = None, output: str = "uint8", timings: dict | None = None,
                image=None, strength: float = 1.0, mask=None, paste_back: bool = False,
-               sequence_shards: int | None = None):
+               sequence_shards: int | None = None, control_image=None, control_scale: float = 1.0):
     """Generates images; with `image`, image-to-image (`strength`) and inpainting (`mask`).
 
     prompts: one string or B strings; negative_prompt: one string or B strings.
@@ -260,6 +298,8 @@ class Pipeline:
       0 = keep (binarised at 0.5). After every step the latent cells without a pixel to repaint are reset to the
       image noised to that step's level; an all-ones mask is text-to-image.
     paste_back: with a mask, paste the kept pixels of `image` over the decoded result (exact kept region).
+    control_image: the ControlNet's control image(s) (`control_latents`; needs `controlnet=`), control_scale: the
+      weight of the branch's outputs (1 = the official ControlNet; a traced value: changing it does not recompile).
     """
     t_start = time.perf_counter()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -302,7 +342,16 @@ class Pipeline:
     if latents.shape != (b, *lat_shape):
       raise ValueError(f"latents must have shape {(b, *lat_shape)} (NHWC at the {sh}x{sw} sample size), "
                        f"got {latents.shape}")
-    layout = self.layout(b, sh, sw, sequence_shards=sequence_shards, vae_tile_latent=vae_tile_latent)
+    control = None
+    if control_image is not None:
+      if self.controlnet is None:
+        raise ValueError("control_image needs a ControlNet: Pipeline(..., controlnet=BRANCH) or "
+                         "Pipeline.from_pretrained(..., controlnet=PATH)")
+      checks.finite("control_scale", control_scale)
+      control = (self.control_latents(control_image, b, sh, sw), jnp.float32(control_scale))
+    # a ControlNet call runs its wrapped model unsharded by sequence (the branch has no sequence-parallel path)
+    layout = self.layout(b, sh, sw, sequence_shards=1 if control is not None else sequence_shards,
+                         vae_tile_latent=vae_tile_latent)
     use_cfg = guidance_scale > 1.0
     cond_emb, cond_mask = self.encode(prompts, text_preprocessing)
     if use_cfg:
@@ -320,13 +369,18 @@ class Pipeline:
       self._sp_graph = with_sequence_parallel(self._dit_graph, self._dit_state)
     mesh, dit_state = self._placement(layout.sequence)
     args = (latents, (cond_emb, cond_mask), (un_emb, un_mask) if use_cfg else None, edit)
+    if control is not None:
+      dit_state = self._ctrl_state
     if mesh is not None:  # every batch array over the batch axes (replicated where the batch does not split)
       args = jax.device_put(args, batch_sharding(mesh, self.rules, (b,)))
+      if control is not None:
+        control = (jax.device_put(control[0], batch_sharding(mesh, self.rules, (b,))), control[1])
+    extra = {} if control is None else {"control": control}
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     with ctx:
       x0 = self._denoise(dit_state, *args[:3], jnp.float32(guidance_scale), jax.random.key(seed),
                          sampler=sampler, steps=steps, mode=guidance_mode, strength=strength, sequence_parallel=sp,
-                         **args[3])
+                         **args[3], **extra)
       x0 = jax.block_until_ready(x0)
       t_den = time.perf_counter()
       if layout.vae_tile_latent is None:

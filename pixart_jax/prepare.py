@@ -59,6 +59,11 @@ _MAX_ASPECT = flags.DEFINE_float(
 _RESAMPLE = flags.DEFINE_string(
     "resample", "", "PIL resize filter (bicubic, lanczos, ...); empty: the official choice for the "
     "table (lanczos for 2048/2880, bicubic otherwise).")
+_CONTROL = flags.DEFINE_enum(
+    "control", None, ["canny", "blur", "image"],
+    "ControlNet training data: also store a control latent per image, from Canny edges of the image, a blurred "
+    "copy (--control_sigma), or the example's own control image (image: a manifest's `control` column).")
+_CONTROL_SIGMA = flags.DEFINE_float("control_sigma", 1.0, "Gaussian sigma in pixels of --control blur / canny.")
 _THREADS = flags.DEFINE_integer("num_threads", 8, "Image decode/resize threads per host.")
 _TFDS_DIR = flags.DEFINE_string("tfds_data_dir", None, "data_dir for tfds: sources.")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -80,7 +85,8 @@ def main(argv):
   options = prepare_lib.PrepareOptions(
       table=_TABLE.value, shard_size=_SHARD_SIZE.value, batch_size=_BATCH_SIZE.value,
       resample=_RESAMPLE.value or None, min_side=_MIN_SIDE.value, max_aspect=_MAX_ASPECT.value,
-      num_threads=_THREADS.value, max_image_bytes=_MAX_IMAGE_MB.value * 2**20)
+      num_threads=_THREADS.value, max_image_bytes=_MAX_IMAGE_MB.value * 2**20, control=_CONTROL.value,
+      control_sigma=_CONTROL_SIGMA.value)
   options.validate()  # bad numbers fail before any model loads
   if _DISTRIBUTED.value:
     jax.distributed.initialize()

@@ -67,6 +67,11 @@ flags.DEFINE_float("strength", None, "Image-to-image strength in (0, 1]: the sha
 flags.DEFINE_string("mask", None, "Inpainting mask image at --init_image's size: white (>= 50%) = repaint, black = "
                     "keep.")
 flags.DEFINE_boolean("paste_back", False, "With --mask: paste the kept pixels of --init_image over the result.")
+flags.DEFINE_string("control", None, "A control image (PNG/JPEG) for the ControlNet given by --controlnet; every "
+                    "prompt is sampled under it.")
+flags.DEFINE_string("controlnet", None, "ControlNet weights in the official PixArt ControlNet-Half layout: a branch "
+                    "file (`controlnet.*` keys, as training exports it) or a whole ControlPixArtHalf checkpoint.")
+flags.DEFINE_float("control_scale", 1.0, "Weight of the ControlNet branch (1 = the official ControlNet).")
 
 
 def read_prompts_file(path: str) -> list[str]:
@@ -114,6 +119,13 @@ def _check_flags() -> None:
   checks.positive("--steps", FLAGS.steps, allow_none=True)
   checks.finite("--guidance", FLAGS.guidance)
   checks.seed("--seed", FLAGS.seed)
+  checks.finite("--control_scale", FLAGS.control_scale)
+  if (FLAGS.control is None) != (FLAGS.controlnet is None):
+    raise ValueError("--control IMAGE and --controlnet WEIGHTS go together: give both or neither")
+  for flag in ("control", "controlnet"):
+    value = getattr(FLAGS, flag)
+    if value is not None and not os.path.exists(value):
+      raise ValueError(f"--{flag} {value}: no such file")
   if FLAGS.init_image is None:
     for name in ("strength", "mask"):
       if getattr(FLAGS, name) is not None:
@@ -129,7 +141,7 @@ def _check_flags() -> None:
 
 
 def _read_image(flag: str, path: str):
-  """--init_image / --mask file -> (H W 3) uint8; ValueError naming the flag and the file."""
+  """--init_image / --mask / --control file -> (H W 3) uint8; ValueError naming the flag and the file."""
   from pixart_jax.data.image_io import SkipExample, decode_image
 
   try:
@@ -158,6 +170,11 @@ def _edit_args() -> dict:
   elif FLAGS.paste_back:
     raise ValueError("--paste_back needs --mask")
   return edit
+
+
+def _control_image():
+  """The --control image as (H W 3) uint8, or None."""
+  return None if FLAGS.control is None else _read_image("control", FLAGS.control)
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -215,11 +232,13 @@ def main(argv):
   logging.info("host %d of %d: %d of %d batches of %d on mesh %s", host, hosts, len(starts),
                -(-len(prompts) // batch_size), batch_size, dict(mesh.shape))
   dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+  control_image = _control_image()
+  control = {} if control_image is None else {"control_image": control_image, "control_scale": FLAGS.control_scale}
   # sample's own folder (a rerun adds to it, replacing its own same-named images); others refused before loading
   out = claim_output(FLAGS.out, tool="sample", resume=True)
   t0 = time.perf_counter()
   pipe = pj.Pipeline.from_pretrained(FLAGS.model, transformer=FLAGS.transformer, dtype=dtype, mesh=mesh,
-                                     progress=True)
+                                     progress=True, controlnet=FLAGS.controlnet)
   logging.info("loaded models in %.1fs", time.perf_counter() - t0)
   digits = max(4, len(str(len(prompts) - 1)))
   all_images, written = [], []
@@ -233,7 +252,7 @@ def main(argv):
       images = pipe(batch, negative_prompt=FLAGS.negative, height=height, width=width, steps=FLAGS.steps,
                     guidance_scale=FLAGS.guidance, sampler=FLAGS.sampler, seed=seed,
                     guidance_mode=FLAGS.guidance_mode, use_resolution_binning=not FLAGS.no_binning, timings=timings,
-                    **edit)
+                    **edit, **control)
       compiled = pipe.num_traces > first
       bar.set_postfix(compile_and_sample=f"{timings['denoise']:.1f}s" if compiled else None,
                       sample=None if compiled else f"{timings['denoise']:.1f}s", decode=f"{timings['decode']:.1f}s")
@@ -244,6 +263,8 @@ def main(argv):
                 "model": FLAGS.model, "transformer": FLAGS.transformer or "", "software": "pixart_jax"}
         if edit:
           meta.update(init_image=FLAGS.init_image, strength=edit["strength"], mask=FLAGS.mask or "")
+        if control:
+          meta.update(control=FLAGS.control, controlnet=FLAGS.controlnet, control_scale=FLAGS.control_scale)
         path = out / f"{start + i:0{digits}d}_{_slug(prompt)}.png"
         save_png(img, path, meta)
         written.append(path)

@@ -35,7 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ImageLike = Union[bytes, str, os.PathLike, np.ndarray, Image.Image]
 
 REASONS = ("unreadable", "not_a_file", "empty_file", "not_an_image", "corrupt", "too_large", "too_small",
-           "extreme_aspect", "no_caption", "bad_caption", "source_error")
+           "extreme_aspect", "no_caption", "bad_caption", "source_error", "no_control")
 
 
 class SkipExample(Exception):

@@ -17,7 +17,8 @@ Design (every host computes the same plan from the manifest, the global batch si
      real_prompt_ratio; long captions are used otherwise when the record has one), padded to 300
      tokens with zeros and a mask; latent = (mean + std * N(0, 1)) * scaling_factor. The choice and
      the noise come from SeedSequence([seed, epoch, record id]): deterministic per example and
-     epoch, independent of hosts, workers and batch layout.
+     epoch, independent of hosts, workers and batch layout. A dataset prepared with a control (ControlNet
+     data, manifest "control") also gives "control": the record's control latent times scaling_factor.
 
 The iterator state is the grain state (the next global step), so a restored iterator continues
 with exactly the next batch; it is an Orbax item through `grain.checkpoint.CheckpointSave/Restore`.
@@ -40,6 +41,7 @@ from pixart_jax.parallel.sharding import LOGICAL_RULES, Rules, batch_axes, batch
 
 INFINITE_STEPS = 2 ** 62
 BATCH_KEYS = ("latents", "caption", "mask", "index")
+OPTIONAL_KEYS = ("control",)  # present when the dataset has them (manifest "control": ControlNet data)
 
 
 def load_manifest(data_dir: str | os.PathLike) -> dict:
@@ -152,6 +154,7 @@ class LoadBatch:
     self.scaling_factor = np.float32(index.manifest["encoders"]["scaling_factor"])
     self.text_dim = int(index.manifest["encoders"]["text_dim"])
     self.max_length = int(index.manifest["caption_max_length"])
+    self.has_control = bool(index.manifest.get("control"))  # ControlNet data: a control latent per record
     self._source = None
 
   def __getstate__(self):
@@ -168,6 +171,7 @@ class LoadBatch:
     ids = ids[self.rows]
     n, s = len(ids), self.max_length
     latents = np.empty((n,) + self.shapes[b], np.float32)
+    control = np.empty((n,) + self.shapes[b], np.float32) if self.has_control else None
     caption = np.zeros((n, s, self.text_dim), self.caption_dtype)
     mask = np.zeros((n, s), np.int32)
     for i, raw in enumerate(self.source.__getitems__([int(r) for r in ids])):
@@ -184,8 +188,16 @@ class LoadBatch:
       noise = rng.standard_normal(rec.mean.shape, np.float32)
       latents[i] = (rec.mean.astype(np.float32) + rec.std.astype(np.float32) * noise) \
           * self.scaling_factor
-    return {"latents": latents, "caption": caption, "mask": mask, "index": ids.astype(np.int32),
-            "bucket": self.keys[b], "step": np.int64(step)}
+      if control is not None:
+        if rec.control is None:
+          raise ValueError(f"record {int(ids[i])} ({rec.name}) has no control latent but the manifest says the "
+                           "dataset has them: dataset files are mixed up")
+        control[i] = rec.control.astype(np.float32) * self.scaling_factor
+    out = {"latents": latents, "caption": caption, "mask": mask, "index": ids.astype(np.int32),
+           "bucket": self.keys[b], "step": np.int64(step)}
+    if control is not None:
+      out["control"] = control
+    return out
 
 
 def checked_batch_sharding(mesh: jax.sharding.Mesh, global_batch_size: int,
@@ -228,6 +240,8 @@ def abstract_batches(manifest: Mapping | str | os.PathLike, global_batch_size: i
                 "caption": jax.ShapeDtypeStruct((gb, s, d), np.dtype(caption_dtype), sharding=sh),
                 "mask": jax.ShapeDtypeStruct((gb, s), np.int32, sharding=sh),
                 "index": jax.ShapeDtypeStruct((gb,), np.int32, sharding=sh)}
+    if manifest.get("control"):  # ControlNet data: the control latent (B h w C f32, diffusion space)
+      out[key]["control"] = jax.ShapeDtypeStruct((gb, *b["latent_shape"]), np.float32, sharding=sh)
   return out
 
 
@@ -259,7 +273,7 @@ class TrainIterator(grain.DatasetIterator):
   def __next__(self) -> dict[str, Any]:
     el = next(self._inner)
     out = {"bucket": el["bucket"], "step": int(el["step"])}
-    for k in BATCH_KEYS:
+    for k in BATCH_KEYS + tuple(k for k in OPTIONAL_KEYS if k in el):
       out[k] = el[k] if self.sharding is None else self._to_global(el[k])
     return out
 

@@ -70,6 +70,8 @@ class PrepareOptions:
   max_aspect: float = 4.5
   num_threads: int = 8
   max_image_bytes: int = image_io.DEFAULT_MAX_IMAGE_BYTES  # larger image files are skipped ("too_large")
+  control: str | None = None  # ControlNet data: "canny" | "blur" | "image" (`data.control`); None: no control
+  control_sigma: float = 1.0  # pixels: the blur's / Canny smoothing's Gaussian sigma
 
   def validate(self) -> None:
     for f in ("shard_size", "batch_size", "min_side", "num_threads", "max_image_bytes"):
@@ -78,6 +80,10 @@ class PrepareOptions:
         raise ValueError(f"PrepareOptions.{f} must be a positive int, got {v!r}")
     if not self.max_aspect >= 1:
       raise ValueError(f"PrepareOptions.max_aspect must be >= 1, got {self.max_aspect!r}")
+    from pixart_jax.data.control import check_kind
+    check_kind(self.control)
+    if not (isinstance(self.control_sigma, (int, float)) and 0 < self.control_sigma < float("inf")):
+      raise ValueError(f"PrepareOptions.control_sigma must be a positive number of pixels, got {self.control_sigma!r}")
 
   @property
   def table_dict(self) -> dict[str, tuple[int, int]]:
@@ -178,6 +184,7 @@ class _Loaded:
   bucket: str
   orig_size: tuple[int, int]
   pixels: np.ndarray  # H W 3 uint8, the bucket size
+  control: np.ndarray | None = None  # H W 3 uint8 control image at the bucket size (PrepareOptions.control)
 
 
 @dataclasses.dataclass
@@ -221,7 +228,12 @@ class _ShardEncoder:
       image_io.check_size(h, w, min_side=self.opts.min_side, max_aspect=self.opts.max_aspect)
       key, (bh, bw) = buckets.closest_bucket(h, w, self.table)
       pixels = buckets.resize_and_center_crop(img, bh, bw, self.resample)
-      return _Loaded(ex, key, (h, w), pixels)
+      control = None
+      if self.opts.control is not None:
+        from pixart_jax.data.control import control_pixels
+        control = control_pixels(self.opts.control, pixels, getattr(ex, "control_image", None),
+                                 sigma=self.opts.control_sigma, resample=self.resample)
+      return _Loaded(ex, key, (h, w), pixels, control)
     except SkipExample as e:
       return _Skipped(ex.name, e.reason, e.detail)
 
@@ -253,6 +265,12 @@ class _ShardEncoder:
       raise ValueError(f"encode_images returned {moments.shape} for {x.shape}; expected "
                        f"{(bs, bh // ds, bw // ds, 2 * c)}")
     mean, std = (np.asarray(a) for a in _mean_std_bf16(moments[:len(items)]))
+    control = [None] * len(items)
+    if self.opts.control is not None:  # the control images through the same encoder: their posterior means
+      xc = np.zeros_like(x)
+      for j, it in enumerate(items):
+        xc[j] = image_io.to_model_input(it.control)
+      control = np.asarray(_mean_std_bf16(np.asarray(self.enc.encode_images(xc)))[0])
     has_long = [j for j, it in enumerate(items) if it.example.long_caption is not None]
     embs = self.encode_texts([it.example.caption for it in items] +
                              [items[j].example.long_caption for j in has_long])
@@ -262,7 +280,7 @@ class _ShardEncoder:
       writer.write(LatentRecord(
           name=ex.name, bucket=it.bucket, orig_size=it.orig_size, mean=mean[j], std=std[j],
           caption=ex.caption, caption_emb=embs[j], long_caption=ex.long_caption,
-          long_caption_emb=long_embs.get(j), meta=dict(ex.meta)))
+          long_caption_emb=long_embs.get(j), meta=dict(ex.meta), control=control[j]))
 
   def run(self, writer: ShardWriter, start: int, stop: int) -> None:
     pending: dict[str, list[_Loaded]] = collections.defaultdict(list)
@@ -359,6 +377,8 @@ def prepare(source: Source, encoders: Encoders, out_dir: str | os.PathLike, *,
             "shard_size": options.shard_size, "encoders": encoders_info(encoders),
             "resample": options.resample_name, "min_side": options.min_side,
             "max_aspect": options.max_aspect}
+  if options.control is not None:  # only then: datasets prepared before control existed keep their config
+    config.update(control=options.control, control_sigma=options.control_sigma)
   claim_output_dir(out_dir, source, overwrite=overwrite)
   _check_or_write_config(out_dir, config, pi, overwrite)
   num_shards = math.ceil(n / options.shard_size)
@@ -385,7 +405,7 @@ def prepare(source: Source, encoders: Encoders, out_dir: str | os.PathLike, *,
   emb, mask = encoders.encode_text([""] * options.batch_size)
   table_name = options.table if isinstance(options.table, str) else None
   extra = {k: config[k] for k in ("source", "source_items", "shard_size", "resample", "min_side",
-                                  "max_aspect")}
+                                  "max_aspect", "control", "control_sigma") if k in config}
   return write_manifest(out_dir, num_shards=num_shards, table=table, table_name=table_name,
                         encoders=encoders_info(encoders), null_caption=np.asarray(emb)[0],
                         extra=extra)

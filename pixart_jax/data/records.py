@@ -11,6 +11,8 @@ One record = one training image:
   caption_len       int     n (stored explicitly; checked against caption_emb on decode)
   long_caption*     optional, same three fields for a long caption (e.g. ShareGPT4V)
   meta              {str: int | float | str | bool}, free per-source metadata (e.g. a class label)
+  control           optional h w C bfloat16: the VAE posterior mean of the example's control image (ControlNet
+                    training data, `data.control`)
 
 Serialization is a msgpack map of plain values; every array is {"dtype", "shape", "data" (raw
 bytes, C order)} with the dtype drawn from a fixed allow-list, so decoding never executes code and
@@ -62,6 +64,7 @@ class LatentRecord:
   long_caption: str | None = None
   long_caption_emb: np.ndarray | None = None  # m D bfloat16
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+  control: np.ndarray | None = None  # h w C bfloat16 (optional)
 
   @property
   def caption_len(self) -> int:
@@ -86,6 +89,10 @@ class LatentRecord:
                           f"{getattr(a, 'shape', None)} {getattr(a, 'dtype', type(a).__name__)}")
     if self.mean.shape != self.std.shape:
       raise RecordError(f"record {self.name!r}: mean {self.mean.shape} and std {self.std.shape} differ")
+    if self.control is not None and (not isinstance(self.control, np.ndarray) or self.control.dtype != BF16
+                                     or self.control.shape != self.mean.shape):
+      raise RecordError(f"record {self.name!r}: control must be a {self.mean.shape} bfloat16 array, got "
+                        f"{getattr(self.control, 'shape', None)} {getattr(self.control, 'dtype', None)}")
     embs = [("caption_emb", self.caption_emb)]
     if (self.long_caption is None) != (self.long_caption_emb is None):
       raise RecordError(f"record {self.name!r}: long_caption and long_caption_emb must be given together")
@@ -143,6 +150,8 @@ def serialize_record(rec: LatentRecord) -> bytes:
   if rec.long_caption_emb is not None:
     d.update(long_caption=rec.long_caption, long_caption_emb=_pack_array(rec.long_caption_emb),
              long_caption_len=rec.long_caption_len)
+  if rec.control is not None:
+    d["control"] = _pack_array(rec.control)
   return msgpack.packb(d, use_bin_type=True)
 
 
@@ -166,6 +175,8 @@ def deserialize_record(data: bytes) -> LatentRecord:
     if "long_caption_emb" in d:
       rec.long_caption = d["long_caption"]
       rec.long_caption_emb = _unpack_array(d["long_caption_emb"], "long_caption_emb")
+    if "control" in d:
+      rec.control = _unpack_array(d["control"], "control")
   except KeyError as e:
     raise RecordError(f"record is missing field {e.args[0]!r}") from None
   rec.validate()

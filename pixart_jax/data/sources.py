@@ -46,6 +46,7 @@ class RawExample:
   caption: str
   long_caption: str | None = None
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+  control_image: ImageLike | None = None  # ControlNet data (`prepare` with control="image")
 
 
 class Source(Protocol):
@@ -117,11 +118,13 @@ class ManifestSource:
   """Rows of a JSONL or CSV manifest: image path (relative to the manifest), caption[, long caption]."""
 
   def __init__(self, path: str | os.PathLike, *, image_field: str = "image",
-               caption_field: str = "caption", long_caption_field: str | None = "long_caption"):
+               caption_field: str = "caption", long_caption_field: str | None = "long_caption",
+               control_field: str | None = "control"):
     self.path = os.fspath(path)
     self.base = os.path.dirname(os.path.abspath(self.path))
     self.image_field, self.caption_field = image_field, caption_field
     self.long_caption_field = long_caption_field or None
+    self.control_field = control_field or None  # optional column: a control image path (ControlNet data)
     try:
       text = read_regular_file(self.path, MAX_MANIFEST_BYTES).decode("utf-8")
     except SkipExample as e:
@@ -163,9 +166,11 @@ class ManifestSource:
     long_caption = None
     if self.long_caption_field and row.get(self.long_caption_field) not in (None, ""):
       long_caption = _check_caption(row[self.long_caption_field], rel, "long caption")
-    fields = {self.image_field, self.caption_field, self.long_caption_field}
+    fields = {self.image_field, self.caption_field, self.long_caption_field, self.control_field}
+    control = row.get(self.control_field) if self.control_field else None
+    control = os.path.join(self.base, control) if isinstance(control, str) and control else None
     return RawExample(name=rel, image=os.path.join(self.base, rel), caption=caption,
-                      long_caption=long_caption, meta=_scalar_meta(row, fields))
+                      long_caption=long_caption, meta=_scalar_meta(row, fields), control_image=control)
 
 
 class TfdsSource:

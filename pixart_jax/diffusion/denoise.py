@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from pixart_jax.diffusion import samplers
@@ -30,7 +31,7 @@ Caption = tuple[jax.Array, jax.Array]
 def denoise(graphdef: nnx.GraphDef, state: Any, latents: jax.Array, cond: Caption, uncond: Caption | None,
             scale: jax.Array, key: jax.Array | None, *, sampler: str, steps: int,
             mode: str = "diffusers", strength: float = 1.0, image_latents: jax.Array | None = None,
-            mask: jax.Array | None = None) -> jax.Array:
+            mask: jax.Array | None = None, control: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   """x_T -> x_0 with the DiT `nnx.merge(graphdef, state)`.
 
   latents: (B H W C) float32 initial noise x_T at the sample size.
@@ -46,6 +47,8 @@ def denoise(graphdef: nnx.GraphDef, state: Any, latents: jax.Array, cond: Captio
   image_latents: (B H W C) float32 clean (scaled) latents of the image, for strength < 1 and inpainting.
   mask: (B H W 1) inpainting mask at the latent resolution, 1 = generate, 0 = keep the image (binary); after
     every step the kept region is set to `image_latents` noised with `latents` to that step's level.
+  control: (control latent (B H W C), control_scale ()) for a ControlNet (`models.controlnet.ControlPixArtSigma`:
+    `graphdef, state` are then the wrapper's); the latent is repeated over the guidance halves.
   Returns x_0 (B H W C) float32.
   """
   if mask is not None and image_latents is None:
@@ -53,5 +56,13 @@ def denoise(graphdef: nnx.GraphDef, state: Any, latents: jax.Array, cond: Captio
   known = None if image_latents is None else samplers.Known(image_latents, mask)
   model = nnx.merge(graphdef, state)
   guided = uncond is not None
-  model_fn = cfg_model_fn(lambda x, t, y, m: model(x, t, y, m), cond, uncond, scale if guided else 1.0, mode=mode)
+
+  def apply(x, t, y, m):
+    if control is None:
+      return model(x, t, y, m)
+    c, c_scale = control
+    c = jnp.concatenate([c] * (x.shape[0] // c.shape[0]), axis=0) if x.shape[0] != c.shape[0] else c
+    return model(x, t, y, m, control=c, control_scale=c_scale)
+
+  model_fn = cfg_model_fn(apply, cond, uncond, scale if guided else 1.0, mode=mode)
   return samplers.sample(sampler, model_fn, latents, num_steps=steps, key=key, strength=strength, known=known)

@@ -114,8 +114,15 @@ class PixArtSigma(nnx.Module):
     pe = sincos_2d(self.cfg.hidden_size, h, w, self.cfg.base_size, self.cfg.interpolation_scale)
     return jnp.asarray(pe, dtype=self.dtype)[None]
 
-  def _run_stage(self, stage: Block, x, y, mask, t0, hw):
+  def _run_stage(self, stage: Block, x, y, mask, t0, hw, start: int = 0, stop: int | None = None):
+    """Layers [start, stop) of a stacked stage (all by default) over x (B L D)."""
     graphdef, state = nnx.split(stage)
+    n = jax.tree.leaves(state)[0].shape[0]
+    stop = n if stop is None else stop
+    if stop <= start:
+      return x
+    if (start, stop) != (0, n):
+      state = jax.tree.map(lambda a: a[start:stop], state)
 
     def body(carry, layer_state):
       return nnx.merge(graphdef, layer_state)(carry, y, mask, t0, hw), None
@@ -124,9 +131,17 @@ class PixArtSigma(nnx.Module):
     if self.scan:
       x, _ = jax.lax.scan(body, x, state)
       return x
-    n = jax.tree.leaves(state)[0].shape[0]
-    for i in range(n):
+    for i in range(stop - start):
       x, _ = body(x, jax.tree.map(lambda a: a[i], state))
+    return x
+
+  def run_blocks(self, x, y, mask, t0, hw, start: int, stop: int):
+    """Blocks [start, stop) of the whole stack (across stages) over x (B L D); y (B S D) projected captions,
+    mask (B S) bool, t0 (B 6 D) (see `embed`)."""
+    for stage, (first, count, _) in zip(self.stages, self.cfg.stages()):
+      lo, hi = max(start, first), min(stop, first + count)
+      if lo < hi:
+        x = self._run_stage(stage, x, y, mask, t0, hw, lo - first, hi - first)
     return x
 
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, mask: jax.Array, *,
@@ -139,6 +154,16 @@ class PixArtSigma(nnx.Module):
     caption_drop (B,) bool + null_caption (S Dc): classifier-free-guidance dropout (training).
     Returns (B H W 2C) float32: channels [:C] = eps, [C:] = variance interpolation value.
     """
+    tokens, t_emb, t0, y, mask, hw = self.embed(x, t, y, mask, resolution=resolution, aspect_ratio=aspect_ratio,
+                                                caption_drop=caption_drop, null_caption=null_caption)
+    tokens = self.run_blocks(tokens, y, mask, t0, hw, 0, self.cfg.depth)
+    return self.head(tokens, t_emb, hw)
+
+  def embed(self, x: jax.Array, t: jax.Array, y: jax.Array, mask: jax.Array, *,
+            resolution: jax.Array | None = None, aspect_ratio: jax.Array | None = None,
+            caption_drop: jax.Array | None = None, null_caption: jax.Array | None = None):
+    """The inputs of the blocks (arguments as `__call__`): (tokens (B L D), t_emb (B D), t0 (B 6 D),
+    projected captions (B S D), mask (B S) bool, (h, w) token grid)."""
     cfg = self.cfg
     b, hh, ww, c = x.shape
     p = cfg.patch_size
@@ -165,9 +190,12 @@ class PixArtSigma(nnx.Module):
       y = drop_captions(y, null_caption, caption_drop)
     y = constrain(self.caption(y.astype(self.dtype)), ("batch", "caption", "activation_embed"))
 
-    for stage in self.stages:
-      tokens = self._run_stage(stage, tokens, y, mask, t0, (h, w))
+    return tokens, t_emb, t0, y, mask, (h, w)
 
+  def head(self, tokens: jax.Array, t_emb: jax.Array, hw: tuple[int, int]) -> jax.Array:
+    """Final layer + unpatchify: tokens (B L D), t_emb (B D) -> (B H W 2C) float32."""
+    h, w = hw
+    p = self.cfg.patch_size
     out = constrain(self.final(tokens, t_emb), ACT)
     out = einops.rearrange(out, "b (h w) (p q c) -> b (h p) (w q) c", h=h, w=w, p=p, q=p)
     return out.astype(jnp.float32)

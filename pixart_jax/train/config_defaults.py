@@ -38,6 +38,7 @@ Fields of the experiment (every recipe has all of them; `lock_config=True` makes
   distill.*                   enabled (latent consistency distillation of init_from, the teacher), guidance (the
                               teacher's fixed CFG scale), num_ddim_timesteps (skipping-step grid), loss (huber | l2),
                               huber_c, timestep_scaling; with lora.rank set: LCM-LoRA (train.trainables.distill)
+  controlnet.blocks           copied blocks of a ControlNet branch (None = off): train the branch only
   class_dropout_prob          caption dropout for classifier-free guidance (0.1)
 """
 from __future__ import annotations
@@ -175,6 +176,9 @@ def base_config(*, preset: str, table: str | None, batch_size: int, warmup: int,
   # Latent consistency distillation (train.trainables.distill): enabled=False = off. With lora.rank: LCM-LoRA.
   c.distill = mlc.ConfigDict(dict(enabled=False, guidance=5.5, num_ddim_timesteps=50, loss="huber", huber_c=0.001,
                                   timestep_scaling=10.0))
+  # ControlNet (ControlNet-Half) on the frozen init_from model: blocks None = off. The data must carry a control
+  # latent per example (`prepare --control canny|blur|image`); only the branch is trained and checkpointed.
+  c.controlnet = mlc.ConfigDict(dict(blocks=config_dict.placeholder(int)))
   return c
 
 
@@ -239,6 +243,8 @@ def check_config(c: mlc.ConfigDict) -> None:
     from pixart_jax.train.trainables.distill import distill_config
 
     distill_config(c)
+  if get("controlnet.blocks") not in (None, _ABSENT):
+    checks.positive("controlnet.blocks", get("controlnet.blocks"))
   if get("optimizer") is not _ABSENT:
     from pixart_jax.train.optimizers import OptimizerConfig
 

@@ -209,6 +209,7 @@ class _Run:
   best: BestCheckpoint | None
   primary: bool
   in_flight: StepsInFlight
+  batch_keys: tuple[str, ...] = BATCH_KEYS
 
 
 def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = None,
@@ -247,7 +248,14 @@ def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = Non
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     iterator, abstract_batches, null = make_data(config, spec.cfg, mesh, rules, workdir)
     tx, lr_schedule = make_optimizer(opt_cfg, batch)
-    graphdef, _ = spec.split()
+    graphdef = trainable.graphdef()
+    batch_keys = BATCH_KEYS + trainable.model_inputs
+    missing = sorted({k for ab in abstract_batches.values() for k in batch_keys if k not in ab})
+    if missing:
+      if hasattr(iterator, "close"):
+        iterator.close()
+      raise ValueError(f"data.dir {config.data.dir}: the dataset has no {', '.join(missing)} per example, which "
+                       f"this kind of training needs (prepare it with --control canny|blur|image)")
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep)
     try:
       initial = trainable.initial_state(Context(config=config, spec=spec, tx=tx, mesh=mesh, rules=rules, ckpt=ckpt,
@@ -282,7 +290,7 @@ def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = Non
                          params_fn=trainable.params_fn, objective=trainable.objective)
     compiled, step_flops = {}, {}
     for key, ab in abstract_batches.items():
-      ab = {k: ab[k] for k in BATCH_KEYS}
+      ab = {k: ab[k] for k in batch_keys}
       t0 = time.perf_counter()
       jitted = jit_train_step(fn, shardings, {k: v.sharding for k, v in ab.items()}, mesh, frozen_shardings)
       compiled[key] = jitted.lower(state, ab, null, frozen).compile()
@@ -295,7 +303,7 @@ def train_and_evaluate(config, workdir: str, *, sample_fn: SampleFn | None = Non
     result = _run(_Run(config=config, workdir=workdir, state=state, iterator=iterator, compiled=compiled,
                        step_flops=step_flops, null=null, frozen=frozen, ckpt=ckpt, peak=peak, sample_fn=sample_fn,
                        eval_fn=eval_fn if eval_every else None, best=best, primary=primary,
-                       in_flight=in_flight))
+                       in_flight=in_flight, batch_keys=batch_keys))
     if primary:
       exported = trainable.export(result.state, workdir)
       if exported is not None:
@@ -370,7 +378,7 @@ def _run(run: _Run) -> RunResult:
           raise RuntimeError(f"the data iterator is at step {batch['step']} but the train state at {step}: "
                              "restore both from the same checkpoint")
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          state, metrics = run.compiled[batch["bucket"]](state, {k: batch[k] for k in BATCH_KEYS}, run.null,
+          state, metrics = run.compiled[batch["bucket"]](state, {k: batch[k] for k in run.batch_keys}, run.null,
                                                          run.frozen)
         run.in_flight.add(metrics["loss"])
         step += 1

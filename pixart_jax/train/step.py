@@ -116,7 +116,7 @@ class Iddpm:
     model = nnx.merge(graphdef, model_params(params, params_fn, frozen))
     drop = mb["drop"] if cfg.class_dropout_prob > 0 else None
     out = model(mb["x_t"], mb["t"], mb["caption"], mb["mask"], caption_drop=drop,
-                null_caption=null_caption if drop is not None else None)
+                null_caption=null_caption if drop is not None else None, **mb.get("model_inputs", {}))
     losses = iddpm_loss(out, mb["latents"], mb["x_t"], mb["t"], mb["noise"], schedule=self.schedule,
                         learn_sigma=cfg.learn_sigma)
     aux = {"loss": jnp.mean(losses["loss"]), "loss_mse": jnp.mean(losses["mse"]), "loss_vb": jnp.mean(losses["vb"])}
@@ -132,7 +132,8 @@ def train_step(state: TrainState, batch: Batch, null_caption: jax.Array, frozen:
 
   Args:
     state: the train state (donated by the caller's jit).
-    batch: latents (B H W C) float, caption (B S Dc), mask (B S) int; B divisible by cfg.grad_accum.
+    batch: latents (B H W C) float, caption (B S Dc), mask (B S) int; B divisible by cfg.grad_accum. Any other
+      entry is a keyword input of the model (the trainable's `model_inputs`, e.g. ControlNet's control latent).
     null_caption: (S, Dc) the caption embedding of the empty prompt (CFG dropout target).
     frozen: the trainable's fixed inputs (a pytree, () for full fine-tuning); params_fn: its map (trained params,
       frozen) -> model params, None when the trained params are the model's (see `Iddpm.loss`).
@@ -149,6 +150,9 @@ def train_step(state: TrainState, batch: Batch, null_caption: jax.Array, frozen:
     raise ValueError(f"batch {b} is not divisible by grad_accum {k}")
   key = jax.random.fold_in(state.rng, state.step)
   full = objective.draw(key, x0, batch)
+  extra = {k: v for k, v in batch.items() if k not in ("latents", "caption", "mask")}
+  if extra:  # the trainable's model inputs (ControlNet: the control latent), sliced with the micro-batches
+    full["model_inputs"] = extra
   grad_fn = jax.value_and_grad(
       functools.partial(objective.loss, graphdef=graphdef, params_fn=params_fn, frozen=frozen, target=state.ema),
       has_aux=True)
@@ -156,7 +160,7 @@ def train_step(state: TrainState, batch: Batch, null_caption: jax.Array, frozen:
   if k == 1:
     (_, aux), grads = grad_fn(state.params, full, null_caption)
   else:
-    micro = {name: _micro(v, k) for name, v in full.items()}
+    micro = jax.tree.map(lambda v: _micro(v, k), full)
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
 
     def body(carry, mb):

@@ -62,6 +62,7 @@ class Trainable(abc.ABC):
   params_fn: Callable[[Any, Any], Any] | None = None  # (trained params, frozen) -> the model's nnx.State of Params
   objective: Any = None  # a train.step.Objective; None = the IDDPM loss
   forward_passes: float = 3.0  # model forward-pass equivalents per example and step (backward = 2)
+  model_inputs: tuple[str, ...] = ()  # batch keys the model takes as keyword inputs (ControlNet: "control")
 
   def __init__(self, config, spec: ModelSpec):
     self.config, self.spec = config, spec
@@ -79,6 +80,11 @@ class Trainable(abc.ABC):
   def start(self, ctx: Context, build: BuildFn, shardings, init_key: jax.Array,
             train_rng: jax.Array) -> tuple[state_lib.TrainState, str]:
     """(step-0 state, where it came from) when the workdir has no checkpoint."""
+
+  def graphdef(self) -> nnx.GraphDef:
+    """The graphdef the step merges the params function's output into (the DiT's; a kind that wraps the DiT,
+    e.g. ControlNet, gives its wrapper's)."""
+    return self.spec.split()[0]
 
   def frozen(self) -> tuple[Any, Any]:
     """(frozen inputs of the step, their shardings); call after `initial_state`."""

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pixart_jax.models.spec import ModelSpec
 from pixart_jax.train.trainable import Trainable
+from pixart_jax.train.trainables.controlnet import ControlNetTrainable
 from pixart_jax.train.trainables.distill import DistillTrainable
 from pixart_jax.train.trainables.full import FullTrainable
 from pixart_jax.train.trainables.lora import LoraTrainable
 
-KINDS: tuple[type[Trainable], ...] = (DistillTrainable, LoraTrainable, FullTrainable)  # the first wanted one is used
+KINDS: tuple[type[Trainable], ...] = (ControlNetTrainable, DistillTrainable, LoraTrainable,
+                                      FullTrainable)  # the first wanted one is used
 
 
 def select(config, spec: ModelSpec) -> Trainable:
