@@ -6,7 +6,6 @@ the same prompts and noise and only the weights change.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from typing import Any, Callable, Mapping
@@ -37,7 +36,6 @@ def make_eval_fn(eval_cfg, spec: ModelSpec, graphdef, mesh, rules, caption_len: 
   process takes part and gets the same numbers.
   """
   from pixart_jax.convert.vae_keys import load_vae
-  from pixart_jax.diffusion.denoise import denoise
   from pixart_jax.images import to_uint8
   from pixart_jax.metrics.evaluation import ImageMetrics, MetricsAccumulator
   from pixart_jax.metrics.fid_stats import FIDStats
@@ -45,6 +43,7 @@ def make_eval_fn(eval_cfg, spec: ModelSpec, graphdef, mesh, rules, caption_len: 
   from pixart_jax.models.text_encoder import TextEncoder
   from pixart_jax.parallel.sharding import batch_sharding
   from pixart_jax.pipeline import initial_noise
+  from pixart_jax.train.sample_hook import make_draw
 
   source = eval_cfg.pipeline or pipeline
   if not source:
@@ -69,13 +68,7 @@ def make_eval_fn(eval_cfg, spec: ModelSpec, graphdef, mesh, rules, caption_len: 
   vae_graph, vae_state = nnx.split(vae)
   size, channels = spec.cfg.sample_size, spec.cfg.in_channels
   guidance = float(eval_cfg.guidance)
-  sample = functools.partial(denoise, graphdef, sampler=eval_cfg.sampler, steps=eval_cfg.num_steps)
-
-  @jax.jit
-  def draw(params, vae_params, x_T, cond, uncond, scale):
-    z = sample(params, x_T, cond, uncond, scale, None)
-    dec = nnx.merge(vae_graph, vae_params)
-    return dec.decode(dec.unscale_latent(z)).astype(jnp.float32)
+  draw = make_draw(graphdef, vae_graph, sampler=eval_cfg.sampler, steps=eval_cfg.num_steps)
 
   def inputs(b: int, batch: list[str]):
     n = len(batch)

@@ -15,6 +15,24 @@ from pixart_jax.models.spec import ModelSpec
 SampleFn = Callable[[Any, int], dict]  # (params as nnx.State, step) -> {name: uint8 (H, W, 3)}
 
 
+def make_draw(graphdef, vae_graph, *, sampler: str, steps: int) -> Callable:
+  """The jitted program of the training hooks (this grid, `train.eval_hook`): the denoising loop
+  (`diffusion.denoise`) then the VAE decode.
+
+  (params, vae_params, x_T (B h w C), cond, uncond | None, scale ()) -> images (B H W 3) float32 in [-1, 1]."""
+  from pixart_jax.diffusion.denoise import denoise
+
+  sample = functools.partial(denoise, graphdef, sampler=sampler, steps=steps)
+
+  @jax.jit
+  def draw(params, vae_params, x_T, cond, uncond, scale):
+    z = sample(params, x_T, cond, uncond, scale, None)
+    dec = nnx.merge(vae_graph, vae_params)
+    return dec.decode(dec.unscale_latent(z)).astype(jnp.float32)
+
+  return draw
+
+
 def make_sample_fn(sample_cfg, spec: ModelSpec, graphdef, mesh, rules, caption_len: int) -> SampleFn:
   """A SampleFn drawing `sample.prompts` with the weights being trained.
 
@@ -26,7 +44,6 @@ def make_sample_fn(sample_cfg, spec: ModelSpec, graphdef, mesh, rules, caption_l
   {"samples": uint8 (rows*H, 4*W, 3)}.
   """
   from pixart_jax.convert.vae_keys import load_vae
-  from pixart_jax.diffusion.denoise import denoise
   from pixart_jax.images import contact_sheet, to_uint8
   from pixart_jax.models.text_encoder import TextEncoder
   from pixart_jax.pipeline import initial_noise
@@ -47,13 +64,7 @@ def make_sample_fn(sample_cfg, spec: ModelSpec, graphdef, mesh, rules, caption_l
   noise = replicate(initial_noise(sample_cfg.seed, len(prompts), (size, size, spec.cfg.in_channels)))
   guidance = float(sample_cfg.guidance)
   scale = replicate(np.float32(guidance))
-  sample = functools.partial(denoise, graphdef, sampler=sample_cfg.sampler, steps=sample_cfg.num_steps)
-
-  @jax.jit
-  def draw(params, vae_params, x_T, cond, uncond, scale):
-    z = sample(params, x_T, cond, uncond, scale, None)
-    dec = nnx.merge(vae_graph, vae_params)
-    return dec.decode(dec.unscale_latent(z)).astype(jnp.float32)
+  draw = make_draw(graphdef, vae_graph, sampler=sample_cfg.sampler, steps=sample_cfg.num_steps)
 
   def sample_fn(params, step: int) -> dict:
     del step

@@ -1,5 +1,5 @@
 """What the trainer trains: a `Trainable`. The loop has one path for every kind; a kind is a file in
-`train/trainables/` (full fine-tuning, LoRA, consistency distillation; ControlNet is the next one).
+`train/trainables/` (full fine-tuning, LoRA, ControlNet, consistency distillation).
 
 A kind provides
   * the initial state, by the documented resume order (`Trainable.initial_state`): the newest restorable
