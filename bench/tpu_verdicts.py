@@ -32,6 +32,7 @@ import time
 import traceback
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # parallel runs (and other tools) may hold libtpu too
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 CACHE = ROOT / "bench" / "results" / "tpu_verdicts.json"
@@ -82,12 +83,12 @@ def jobs() -> list[Job]:
   # 1. the issue's targets first
   out.append(Job("sample 1024x1024 v5e-1", "sample", "v5e-1", "data=1", "sigma-xl2-1024-ms", (1024, 1024),
                  cost=True, target="1024 px sampling of the whole pipeline fits v5e-1 (Colab)"))
-  out.append(Job("sample 4096x4096 v5p-1", "sample", "v5p-1", "data=1", "sigma-xl2-4k", (4096, 4096), cost=True,
+  out.append(Job("sample 4096x4096 v5p-1", "sample", "v5p-1", "data=1", "sigma-xl2-4k", (4096, 4096),
                  target="4K sampling with CFG fits one v5p chip per image"))
   out.append(Job("sample 4096x4096 v5p-8 sp4", "sample", "v5p-8", "sequence=4", "sigma-xl2-4k", (4096, 4096),
-                 sequence_parallel=True, cost=True, target="4K sampling, sequence parallel across a v5p-8 host"))
+                 sequence_parallel=True, target="4K sampling, sequence parallel across a v5p-8 host"))
   out.append(Job("sample 4096x4096 v6e-8 sp8", "sample", "v6e-8", "sequence=8", "sigma-xl2-4k", (4096, 4096),
-                 sequence_parallel=True, cost=True, target="4K sampling with CFG fits a v6e-8 host"))
+                 sequence_parallel=True, target="4K sampling with CFG fits a v6e-8 host"))
   groups = recipe_groups()
   two_k = next(k for k in groups if k[0] == "sigma-xl2-2k-ms")
   out.append(Job("train sigma-xl2-2k-ms v5p-8", "train", "v5p-8", "fsdp=-1", "sigma-xl2-2k-ms", (2048, 2048),
@@ -95,19 +96,22 @@ def jobs() -> list[Job]:
   out.append(Job("train sigma-xl2-4k v5p-64", "train", "v5p-64", "fsdp=-1", "sigma-xl2-4k", (4096, 4096),
                  recipes=("configs/pixart_sigma_2k_ms.py settings, preset sigma-xl2-4k",), settings=two_k,
                  target="4K training fits v5p-64"))
-  for key, names in groups.items():  # 2. every recipe on every host
+  order = ["sigma-xl2-1024-ms", "sigma-xl2-2k-ms", "sigma-xl2-512-ms", "sigma-xl2-256", "sigma-xl2-1024-ms-kv",
+           "sigma-xl2-2k-ms-kv"]
+  for key, names in sorted(groups.items(), key=lambda kv: order.index(kv[0][0]) if kv[0][0] in order else 99):
+    # 2. every recipe on every host
     for sl in HOSTS:
       preset = key[0]
       res = {"sigma-xl2-256": 256, "sigma-xl2-512-ms": 512}.get(preset, 2048 if "2k" in preset else 1024)
       if not any(j.name == f"train {preset} {sl}" for j in out):
         out.append(Job(f"train {preset} {sl}", "train", sl, "fsdp=-1", preset, (res, res), recipes=tuple(names),
-                       settings=key, cost=preset == "sigma-xl2-1024-ms"))
+                       settings=key, cost=preset == "sigma-xl2-1024-ms" and sl == "v5p-8"))
   for res, preset in RESOLUTIONS.items():  # 3. the sampling grid on one chip of each kind
     w, h = (int(x) for x in res.split("x"))
     for sl in ("v5e-1", "v6e-1", "v5p-1"):
       name = f"sample {res} {sl}"
       if not any(j.name == name for j in out):
-        out.append(Job(name, "sample", sl, "data=1", preset, (w, h), cost=res == "1024x1024"))
+        out.append(Job(name, "sample", sl, "data=1", preset, (w, h)))
   for res in ("3840x2160", "4096x4096"):  # 4. 4K on the other hosts with sequence parallelism
     w, h = (int(x) for x in res.split("x"))
     for sl, n in (("v5e-8", 8), ("v6e-8", 8), ("v5p-8", 4)):
@@ -298,30 +302,55 @@ def main() -> None:
   ap.add_argument("--report", action="store_true", help="only rewrite the markdown from the cache")
   ap.add_argument("--list", action="store_true", help="list the jobs and exit")
   ap.add_argument("--redo", action="store_true", help="recompile jobs already in the cache")
+  ap.add_argument("--cache", default=str(CACHE), help="the JSON cache this run reads and writes")
+  ap.add_argument("--merge", nargs="*", default=(), help="other caches to merge into --cache (then report)")
+  ap.add_argument("--reverse", action="store_true", help="run the job list from its end (a second process)")
+  ap.add_argument("--claims", default=None, help="a directory where parallel runs claim jobs")
+  ap.add_argument("--peek", nargs="*", default=(), help="other processes' caches: skip the jobs they have done")
   args = ap.parse_args()
   todo = jobs()
   if args.list:
     for j in todo:
       print(j.name, "(target)" if j.target else "")
     return
-  results = json.loads(CACHE.read_text()) if CACHE.exists() else {}
+  cache = pathlib.Path(args.cache)
+  results = json.loads(cache.read_text()) if cache.exists() else {}
+  for other in args.merge:
+    results.update({k: v for k, v in json.loads(pathlib.Path(other).read_text()).items() if k not in results})
+  if args.merge:
+    cache.write_text(json.dumps(results, indent=1, default=str))
   if not args.report:
-    for j in todo:
-      if (args.only and args.only not in j.name) or (j.name in results and not args.redo):
+    for j in (reversed(todo) if args.reverse else todo):
+      elsewhere = set()
+      for other in args.peek:  # another process's cache: skip what it has done
+        if pathlib.Path(other).exists():
+          elsewhere |= set(json.loads(pathlib.Path(other).read_text()))
+      if (args.only and args.only not in j.name) or ((j.name in results or j.name in elsewhere) and not args.redo):
         continue
+      if args.claims:  # processes sharing a claims dir never start the same job
+        claim = pathlib.Path(args.claims) / j.name.replace(" ", "_")
+        try:
+          claim.parent.mkdir(parents=True, exist_ok=True)
+          claim.touch(exist_ok=False)
+        except FileExistsError:
+          continue
       print(f"[{time.strftime('%H:%M:%S')}] {j.name} ...", flush=True)
       try:
         results[j.name] = run_job(j)
       except Exception:  # noqa: BLE001 - one failing job must not lose the others; the log has the traceback
         traceback.print_exc()
+        if args.claims:
+          claim.unlink(missing_ok=True)
         continue
-      CACHE.write_text(json.dumps(results, indent=1, default=str))
-      REPORT.write_text(report(results))
+      cache.write_text(json.dumps(results, indent=1, default=str))
+      if cache == CACHE:
+        REPORT.write_text(report(results))
       print(f"  done in {results[j.name]['seconds']:.0f} s: "
             + "; ".join(f"{p['what']} peak {_gib(p['peak'])} GiB" + (" REFUSED" if p["error"] else "")
                         for p in results[j.name]["plans"]), flush=True)
-  REPORT.write_text(report(results))
-  print(f"wrote {REPORT}")
+  if cache == CACHE:
+    REPORT.write_text(report(results))
+    print(f"wrote {REPORT}")
 
 
 if __name__ == "__main__":

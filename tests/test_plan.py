@@ -181,3 +181,20 @@ def test_plan_sample_is_the_whole_pipeline_with_tiles(monkeypatch):
   untiled = plan_main(["--preset", "tiny", "--mesh", "data=8", "--res", "128x128", "--what", "decode", "--dtype",
                        "float32", "--json"])[0]
   assert untiled["what"] == "decode" and untiled["temp"] > dec["temp"]  # one 8x8 tile needs less than 16x16
+
+
+def test_cost_estimate_is_the_compilers_seconds_times_units():
+  """The compiler's estimate: its seconds x the loop's trip count, MFU against the chip's bf16 peak; no seconds
+  (the CPU backend) -> no predicted time."""
+  from pixart_jax.parallel import chips
+
+  raw = dict(flops=2e12, bytes=1e9, seconds=0.01)
+  c = planning.cost_estimate(raw, 20, 4.0e13, "TPU v5 lite", "test")
+  assert c["predicted_seconds"] == pytest.approx(0.2) and c["flops"] == pytest.approx(4e13)
+  assert c["chip"] == "v5e" and c["mfu"] == pytest.approx(4.0e13 / (0.2 * chips.BY_NAME["v5e"].bf16_flops))
+  assert "estimate" in c["label"] and "not a measurement" in c["label"]
+  cpu = planning.cost_estimate(dict(flops=1.0, bytes=1.0, seconds=None), 3, 1.0, "cpu", "test")
+  assert cpu["predicted_seconds"] is None and cpu["mfu"] is None and cpu["flops"] == 3.0
+  compiled = jax.jit(lambda a: a @ a).lower(jax.ShapeDtypeStruct((64, 64), jnp.float32)).compile()
+  got = planning._cost(compiled)
+  assert got["flops"] == pytest.approx(2 * 64**3, rel=0.05) and got["bytes"] > 0
