@@ -2,7 +2,8 @@
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent
-ORDER = ["perf", "train", "t5", "vae", "data"]
+ORDER = ["perf", "tpu", "train", "t5", "vae", "data"]
+SKIP = {"tpu_verdicts"}  # linked from the tpu section, not inlined (a long generated table)
 
 HEADER = """# Benchmark results
 
@@ -27,7 +28,7 @@ PyTorch reference in the same run where one exists (ratios > 1 mean JAX is faste
 def main():
   parts = [HEADER]
   files = {p.stem: p for p in (ROOT / "results").glob("*.md")}
-  for name in ORDER + sorted(set(files) - set(ORDER)):
+  for name in ORDER + sorted(set(files) - set(ORDER) - SKIP):
     if name in files:
       parts.append(files[name].read_text().rstrip() + "\n\n")
   (ROOT / "RESULTS.md").write_text("".join(parts))

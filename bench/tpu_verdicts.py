@@ -105,7 +105,7 @@ def jobs() -> list[Job]:
       res = {"sigma-xl2-256": 256, "sigma-xl2-512-ms": 512}.get(preset, 2048 if "2k" in preset else 1024)
       if not any(j.name == f"train {preset} {sl}" for j in out):
         out.append(Job(f"train {preset} {sl}", "train", sl, "fsdp=-1", preset, (res, res), recipes=tuple(names),
-                       settings=key, cost=preset == "sigma-xl2-1024-ms" and sl == "v5p-8"))
+                       settings=key))
   for res, preset in RESOLUTIONS.items():  # 3. the sampling grid on one chip of each kind
     w, h = (int(x) for x in res.split("x"))
     for sl in ("v5e-1", "v6e-1", "v5p-1"):
@@ -150,9 +150,52 @@ def run_job(job: Job) -> dict:
   cfg = from_preset(job.preset)
   work = planning.Workload(cfg, (h // 8, w // 8), 1, attention=AttentionOptions(
       sequence_parallel=job.sequence_parallel))
-  stages = planning.plan_pipeline(work, mesh, cost=job.cost)
+  t5, vae = planning.pipeline_models(cfg)
+  tile = planning.pipeline_tile(h, w)
+  # the encode (any resolution) and a tiled decode (any size above 2048 px) are the same program for every job
+  # on this slice and mesh: compiled once, kept in STAGES
+  enc = _stage(("encode", job.slice, job.mesh), lambda: planning.plan_encode(work, mesh, t5, cost=job.cost))
+  den = planning.plan_sample(work, mesh, cost=job.cost)
+  dec_key = ("decode", job.slice, job.mesh, f"tile {tile}" if tile else f"{h // 8}x{w // 8}")
+  dec = (_stage(dec_key, lambda: planning.plan_decode(work, mesh, vae, tile, cost=job.cost)) if tile else
+         planning.plan_decode(work, mesh, vae, None, cost=job.cost))
+  if tile:  # the tile program's blend buffers and latents depend on the image size: recomputed from the shapes
+    dec = dataclasses.replace(dec, resident=_tile_buffers(dec, h // 8, w // 8, vae, tile, mesh))
+  stages = planning.with_resident([enc, den, dec])
   return dict(job=dataclasses.asdict(job), plans=[p.as_dict() for p in stages],
               pipeline=planning.pipeline_summary(stages), seconds=time.perf_counter() - t)
+
+
+STAGES: dict[str, dict] = {}  # "encode|slice|mesh" -> a Plan's fields (shared through the cache file)
+
+
+def _stage(key: tuple, make):
+  from pixart_jax.parallel import planning
+
+  name = "|".join(key)
+  if name not in STAGES:
+    STAGES[name] = dataclasses.asdict(make())
+  fields = {f.name for f in dataclasses.fields(planning.Plan)}
+  return planning.Plan(**{k: v for k, v in STAGES[name].items() if k in fields})
+
+
+def _tile_buffers(dec, h: int, w: int, vae, tile: int, mesh) -> int:
+  """resident bytes of the tiled decode at latent (h, w): the pruned encoder half (the program's own resident at
+  its size minus its buffers there cancel out: recomputed), the full latents and the float32 blend buffers."""
+  from pixart_jax.models import vae_tiling
+  from pixart_jax.parallel import planning
+
+  del tile
+  pruned = max(0, dec.params + dec.inputs - dec.argument)
+  f = vae.downsample_factor
+  import jax
+  import jax.numpy as jnp
+  from pixart_jax.parallel import sharding as sharding_lib
+  full = [(1, h, w, vae.latent_channels), (1, h * f, w * f, vae.out_channels)]
+  del vae_tiling
+  return pruned + sum(planning.per_device_bytes(jax.ShapeDtypeStruct(
+      shp, jnp.float32, sharding=sharding_lib.batch_sharding(mesh, sharding_lib.LOGICAL_RULES, shp)))
+      for shp in full) + h * f * w * f * 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,7 +230,7 @@ def _est(cost: dict | None) -> str:
 
 
 def report(results: dict) -> str:
-  by_name = {r["job"]["name"]: r for r in results.values()}
+  by_name = {r["job"]["name"]: r for k, r in results.items() if k != "stages"}
   lines = [
       "# TPU verdicts: every recipe's train step and the whole sampling Pipeline (issue 14)",
       "",
@@ -288,6 +331,22 @@ def _max_batch(p: dict, chip: str, global_batches: list[int]) -> tuple[str, str]
   return str(bmax), ", ".join(f"{b}: {math.ceil(b / bmax)}" for b in sorted(set(global_batches))) or "-"
 
 
+def _seed_stages(caches: list[dict]) -> None:
+  """STAGES from saved caches: their "stages" entries, and the encode / tiled decode of finished sample jobs
+  (resident minus the other stages' weights = the stage's own)."""
+  for c in caches:
+    STAGES.update(c.get("stages", {}))
+    for name, r in c.items():
+      if name == "stages" or r["job"]["kind"] != "sample":
+        continue
+      job, plans = r["job"], r["plans"]
+      total = sum(p["params"] for p in plans)
+      raw = [dict(p, resident=p["resident"] - (total - p["params"])) for p in plans]
+      STAGES.setdefault("|".join(("encode", job["slice"], job["mesh"])), raw[0])
+      if raw[2]["what"].startswith("decode ("):
+        STAGES.setdefault("|".join(("decode", job["slice"], job["mesh"], "tile 128")), raw[2])
+
+
 def _libtpu_version() -> str:
   try:
     from importlib.metadata import version
@@ -315,8 +374,12 @@ def main() -> None:
     return
   cache = pathlib.Path(args.cache)
   results = json.loads(cache.read_text()) if cache.exists() else {}
+  _seed_stages([results] + [json.loads(pathlib.Path(o).read_text()) for o in (*args.peek, *args.merge)
+                            if pathlib.Path(o).exists()])
   for other in args.merge:
-    results.update({k: v for k, v in json.loads(pathlib.Path(other).read_text()).items() if k not in results})
+    more = json.loads(pathlib.Path(other).read_text())
+    results["stages"] = dict(more.get("stages", {}), **results.get("stages", {}))
+    results.update({k: v for k, v in more.items() if k not in results})
   if args.merge:
     cache.write_text(json.dumps(results, indent=1, default=str))
   if not args.report:
@@ -342,6 +405,7 @@ def main() -> None:
         if args.claims:
           claim.unlink(missing_ok=True)
         continue
+      results["stages"] = dict(results.get("stages", {}), **STAGES)
       cache.write_text(json.dumps(results, indent=1, default=str))
       if cache == CACHE:
         REPORT.write_text(report(results))

@@ -457,12 +457,14 @@ def plan_pipeline(work: Workload, mesh: Mesh, *, t5_config=None, vae_config=None
   enc = plan_encode(work, mesh, t5_config, rules, cost=cost)
   den = plan_sample(work, mesh, sampler, rules, cost=cost)
   dec = plan_decode(work, mesh, vae_config, tile, rules, cost=cost)
-  weights = {"encode": enc.params, "denoise": den.params, "decode": dec.params}
-  out = []
-  for p, name in ((enc, "encode"), (den, "denoise"), (dec, "decode")):
-    others = sum(v for k, v in weights.items() if k != name)
-    out.append(dataclasses.replace(p, resident=p.resident + others))
-  return out
+  return with_resident([enc, den, dec])
+
+
+def with_resident(stages: list[Plan]) -> list[Plan]:
+  """The Pipeline's stages with each one's `resident` raised by the other stages' parameters (all three models
+  stay on the device)."""
+  total = sum(p.params for p in stages)
+  return [dataclasses.replace(p, resident=p.resident + total - p.params) for p in stages]
 
 
 def pipeline_summary(stages: list[Plan]) -> dict[str, Any]:
