@@ -37,6 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 CACHE = ROOT / "bench" / "results" / "tpu_verdicts.json"
 REPORT = ROOT / "bench" / "results" / "tpu_verdicts.md"
+SUMMARY = ROOT / "bench" / "results" / "tpu.md"  # the short section of bench/RESULTS.md (merge_results.py)
 
 SLICES = {  # name -> (topology, chips, chip)
     "v5e-1": ("v5e:1x1", 1, "v5e"), "v6e-1": ("v6e:1x1", 1, "v6e"), "v5p-1": ("v5p:1x1x1", 1, "v5p"),
@@ -252,15 +253,7 @@ def report(results: dict) -> str:
       "v5p-64 = 32 chips (2x4x4).",
       "",
   ]
-  lines += ["## Targets", "", "| target | job | verdict | peak / chip GiB | why (compiler numbers) |",
-            "|---|---|---|---|---|"]
-  for r in by_name.values():
-    job = r["job"]
-    if not job["target"]:
-      continue
-    peak, refused, why = _summary(r)
-    chip = SLICES[job["slice"]][2]
-    lines.append(f"| {job['target']} | {job['name']} | {_verdict(peak, chip, refused)} | {_gib(peak)} | {why} |")
+  lines += ["## Targets", ""] + targets_table(by_name)
   lines += ["", "## Sampling: the whole Pipeline, one image, CFG, 20 steps", "",
             "| image | slice | mesh | encode peak | denoise peak | decode peak | pipeline peak GiB | verdict | "
             "compiler's estimate (whole call) | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -306,6 +299,43 @@ def report(results: dict) -> str:
   if missing:
     lines += ["Not yet compiled (rerun the script to add them): " + ", ".join(missing) + ".", ""]
   return "\n".join(lines)
+
+
+def targets_table(by_name: dict) -> list[str]:
+  lines = ["| target | job | verdict (TPU compiler) | peak / chip GiB | why (compiler numbers) |", "|---|---|---|---|---|"]
+  for j in jobs():
+    if not j.target:
+      continue
+    if j.name not in by_name:
+      lines.append(f"| {j.target} | {j.name} | not compiled yet | | |")
+      continue
+    r = by_name[j.name]
+    peak, refused, why = _summary(r)
+    chip = SLICES[j.slice][2]
+    est = _est(r["plans"][1].get("cost")) if r["job"]["kind"] == "sample" else _est(r["plans"][0].get("cost"))
+    if r["job"]["kind"] == "sample" and "predicted_seconds" in r["pipeline"]:
+      est = f"; compiler's estimate of the whole call {r['pipeline']['predicted_seconds']:.3g} s (denoise {est})"
+    else:
+      est = ""
+    lines.append(f"| {j.target} | {j.name} | {_verdict(peak, chip, refused)} | {_gib(peak)} | {why}{est} |")
+  return lines
+
+
+def summary(results: dict) -> str:
+  by_name = {r["job"]["name"]: r for k, r in results.items() if k != "stages"}
+  done = len(by_name)
+  return "\n".join([
+      "# TPU verdicts (issue 14) — `bench/tpu_verdicts.py`",
+      "",
+      f"The TPU compiler's own memory verdicts (libtpu {_libtpu_version()} via `jax.experimental.topologies`, "
+      "compiled ahead of time on this CPU-only machine, no TPU) for the whole sampling Pipeline (T5-XXL encode, "
+      "20-step CFG denoise with splash attention, SDXL-VAE decode tiled above 2048 px) and every recipe's train "
+      f"step. {done} of {len(jobs())} planned jobs compiled so far (a loaded 2-core machine: 5-20 min per job); "
+      "the full table, the method and the list of jobs still to run: "
+      "[bench/results/tpu_verdicts.md](results/tpu_verdicts.md).",
+      "",
+      *targets_table(by_name),
+      ""])
 
 
 def _summary(r: dict) -> tuple[float, bool, str]:
@@ -409,12 +439,14 @@ def main() -> None:
       cache.write_text(json.dumps(results, indent=1, default=str))
       if cache == CACHE:
         REPORT.write_text(report(results))
+        SUMMARY.write_text(summary(results))
       print(f"  done in {results[j.name]['seconds']:.0f} s: "
             + "; ".join(f"{p['what']} peak {_gib(p['peak'])} GiB" + (" REFUSED" if p["error"] else "")
                         for p in results[j.name]["plans"]), flush=True)
   if cache == CACHE:
     REPORT.write_text(report(results))
-    print(f"wrote {REPORT}")
+    SUMMARY.write_text(summary(results))
+    print(f"wrote {REPORT} and {SUMMARY}")
 
 
 if __name__ == "__main__":
