@@ -47,6 +47,9 @@ EXTRAS = {
     ],
     "tfds": TFDS,
     "tpu": ["jax[tpu]>=0.10.2", "gcsfs>=2024.6"],
+    # `python -m pixart_jax.plan --topology ...` on any machine: libtpu (the version jax pins) lets the TPU
+    # compiler compile ahead of time for a TPU topology without a TPU.
+    "plan": ["jax[tpu]>=0.10.2"],
     "gpu": ["jax[cuda12]>=0.10.2"],
 }
 

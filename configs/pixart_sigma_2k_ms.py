@@ -2,8 +2,14 @@ r"""PixArt-Sigma XL/2 at 2K, multi-aspect, no KV compression (the official 2K co
 
 The official `PixArt_sigma_xl2_img2K_internalms_kvcompress.py` sets kv_compress=False, so it trains this model:
 ASPECT_RATIO_2048 buckets, pe_interpolation 4.0, warmup 100, CAME lr 2e-5, starting from the 1024 px weights.
-Official batch 4 per GPU; `data.batch_size` is the GLOBAL batch, lr = 2e-5 * sqrt(batch / 256). At 2K (16,384
-tokens) consider --config.mesh="(('fsdp',-1),('sequence',2))" when activations do not fit.
+Official batch 4 per GPU; `data.batch_size` is the GLOBAL batch, lr = 2e-5 * sqrt(batch / 256).
+
+Mesh (TPU compiler, bench/results/tpu_verdicts.md): with the default mesh (fsdp over every chip) and splash
+attention one example per chip needs 4.5 GiB per chip on a v5p-8 host (4 chips: 1.1 GiB weights + CAME state,
+3.2 GiB temporaries), so a v5p-8 host trains 2K; the global batch of 128 needs about 5 v5p chips' worth of
+activations by a linear estimate (~26 examples per chip), i.e. a v5p-16 slice, or a v5p-8 host with
+--config.grad_accum=2. At 2K (16,384 tokens) --config.mesh="(('fsdp',-1),('sequence',2))" splits the tokens
+when activations do not fit (smaller chips).
 
 Train (every host of the slice):
   python -m pixart_jax.train --config configs/pixart_sigma_2k_ms.py \

@@ -1,18 +1,33 @@
-"""Will it fit? Compile the train step and the sampler for a mesh without the hardware, print memory and FLOPs.
+"""Will it fit? Compile the train step and the sampling pipeline for a mesh without the hardware, print memory and FLOPs.
 
+    python -m pixart_jax.plan --config configs/pixart_sigma_1024_ms.py --topology v5p:2x2x1
+    python -m pixart_jax.plan --config configs/pixart_sigma_512_ms.py:smoke --devices 8
     python -m pixart_jax.plan --preset sigma-xl2-1024-ms --mesh fsdp=64 --res 1024x1024
-    python -m pixart_jax.plan --config configs/FILE.py:ARG --mesh fsdp=8,sequence=8 --res 4096x4096 --what train
-    python -m pixart_jax.plan --preset sigma-xl2-4k --mesh fsdp=64 --res 4096x4096 --topology v5p:4x4x4
+    python -m pixart_jax.plan --preset sigma-xl2-4k --mesh sequence=4 --res 4096x4096 --what sample \
+        --topology v5p:2x2x1 --cost
+
+What is planned (--what, default train,sample):
+  train        the recipe's train step (train.step.jit_train_step) at the global batch.
+  sample       the whole Pipeline call: the T5 encode (T5-XXL for the released models), the CFG denoising loop
+               (diffusion.denoise.denoise) and the VAE decode, in tiles where the Pipeline tiles (above 2048 px,
+               models.vae_tiling); each stage with the other models' weights resident, and the pipeline's peak.
+  encode, denoise, decode   one stage of it.
+--config configs/FILE.py[:ARG] takes the recipe's own preset and overrides, mesh, global batch (data.batch_size),
+dtype, param dtype, remat, scan, attention (model.attention), sharding rules, optimizer, EMA and grad_accum;
+flags override them. A mesh size of -1 is filled from the device count (--devices, or the topology's chips).
 
 Devices:
   default      N fake CPU devices (N = --devices, else the product of the --mesh sizes); the script sets
                XLA_FLAGS=--xla_force_host_platform_device_count=N (re-executing itself if jax already started).
                Memory is the CPU compiler's estimate of the same SPMD program (see pixart_jax.parallel.planning).
-  --topology   a TPU topology such as v5e:4x4, v5p:4x4x4, v6e:8x8, compiled ahead of time by the TPU compiler via
-               jax.experimental.topologies (needs libtpu importable, e.g. `pip install -e .[tpu]`; no TPU needed).
+  --topology   a TPU topology such as v5e:1x1, v5p:2x2x1 (a v5p-8 host: 4 chips), v6e:2x4, compiled ahead of time
+               by the TPU compiler via jax.experimental.topologies: its own memory verdicts (it refuses programs
+               that exceed HBM) and, with --cost, its cost estimate. Needs libtpu importable, no TPU hardware:
+               `pip install -e .[plan]`.
 Output: per program and device, the arguments split into params / optimizer (+EMA) / batch, activations and
 temporaries, outputs, the peak, FLOPs per step (analytic and XLA's cost analysis), and fit verdicts for v5e, v6e,
-v4, H100 and v5p HBM sizes. `--json` prints one JSON document instead.
+v4, H100 and v5p HBM sizes; with --cost the compiler's estimated step time and MFU. `--json` prints one JSON
+document instead.
 """
 from __future__ import annotations
 
@@ -50,19 +65,20 @@ def _parse_res(text: str) -> tuple[int, int]:
   return h, w
 
 
-def _get(config, *paths, default=None):
-  """The first of the dotted `paths` present in a ConfigDict / dict."""
-  for path in paths:
-    node, ok = config, True
-    for key in path.split("."):
-      try:
-        node = node[key] if isinstance(node, dict) else getattr(node, key)
-      except (KeyError, AttributeError):
-        ok = False
-        break
-    if ok and node is not None:
-      return node
-  return default
+def recipe_settings(config) -> dict:
+  """A training recipe (`train.config_defaults.base_config` fields) -> what the planner needs, read from the same
+  fields the trainer reads (`train.loop`): preset, overrides (None placeholders dropped), attention options,
+  mesh, global batch, dtypes, remat, scan, sharding rules, optimizer, EMA, grad_accum."""
+  from pixart_jax.models.attention_backends import AttentionOptions
+
+  m = config.model
+  return dict(
+      preset=str(m.preset), overrides={k: v for k, v in dict(m.overrides).items() if v is not None},
+      attention=AttentionOptions.parse(m.get("attention")),
+      mesh=",".join(f"{a}={int(n)}" for a, n in config.mesh), batch=int(config.data.batch_size),
+      dtype=str(m.dtype), param_dtype=str(m.param_dtype), remat=str(m.remat), scan=bool(m.get("scan", True)),
+      rules=tuple(config.get("sharding_rules", ()) or ()), optimizer=dict(config.optimizer),
+      ema=config.ema.rate is not None, grad_accum=int(config.grad_accum), distill=_distill(config))
 
 
 def _load_config(spec: str):
@@ -80,7 +96,8 @@ def _load_config(spec: str):
 
 def _distill(config):
   """config.distill (enabled) -> its LcmConfig: the train plan is then latent consistency distillation."""
-  if config is None or not _get(config, "distill.enabled", default=False):
+  distill = config.get("distill")
+  if distill is None or not distill.get("enabled", False):
     return None
   from pixart_jax.train.trainables.distill import distill_config
 
@@ -90,24 +107,35 @@ def _distill(config):
 def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="python -m pixart_jax.plan", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--config", help="experiment config configs/FILE.py[:ARG]; reads model.preset (or model.name), "
-                  "model overrides, model.attention, mesh, batch size, dtype, remat and optimizer when present; "
-                  "flags override it")
+  ap.add_argument("--config", help="training recipe configs/FILE.py[:ARG]: its preset, overrides, mesh, batch, "
+                  "dtype, remat, scan, attention, sharding rules, optimizer, EMA, grad_accum; flags override them")
   ap.add_argument("--preset", help="DiT preset (pixart_jax.models.config.PRESETS) when no --config names one")
-  ap.add_argument("--mesh", help="mesh axes AXIS=SIZE,... over data, fsdp, tensor, sequence (e.g. fsdp=64)")
+  ap.add_argument("--mesh", help="mesh axes AXIS=SIZE,... over data, fsdp, tensor, sequence (e.g. fsdp=64); one "
+                  "size may be -1")
   ap.add_argument("--devices", type=int, help="fake CPU device count (default: product of the mesh sizes)")
-  ap.add_argument("--topology", help="TPU topology for an ahead-of-time TPU compile, e.g. v5p:4x4x4 (needs libtpu)")
+  ap.add_argument("--topology", help="TPU topology for an ahead-of-time TPU compile, e.g. v5p:2x2x1 (needs libtpu: "
+                  "pip install -e .[plan])")
   ap.add_argument("--res", default=None, help="image WIDTHxHEIGHT in pixels (default: the preset's image size)")
-  ap.add_argument("--batch", type=int, help="global batch (default: one example per data*fsdp shard)")
-  ap.add_argument("--what", default="train,sample", help="comma list of train, sample")
-  ap.add_argument("--dtype", default=None, help="compute dtype (default bfloat16)")
-  ap.add_argument("--param-dtype", default=None, help="parameter dtype (default float32)")
+  ap.add_argument("--batch", type=int, help="global batch: train examples / sampled images (default: the "
+                  "recipe's data.batch_size, else one per data*fsdp shard)")
+  ap.add_argument("--what", default="train,sample", help="comma list of train, sample (= encode, denoise, decode: "
+                  "the whole Pipeline), encode, denoise, decode")
+  ap.add_argument("--dtype", default=None, help="compute dtype (default: the recipe's, else bfloat16)")
+  ap.add_argument("--param-dtype", default=None, help="parameter dtype (default: the recipe's, else float32)")
   ap.add_argument("--remat", default=None, help="remat policy: none, full, dots, dots_no_batch (default full)")
+  ap.add_argument("--attention", default=None, help="attention backend: auto, xla, blockwise, splash, cudnn "
+                  "(default: the recipe's, else auto = splash on TPU)")
+  ap.add_argument("--sequence-parallel", action="store_true", default=None,
+                  help="explicit sequence-parallel self-attention over the mesh's sequence axis")
   ap.add_argument("--optimizer", default=None, help="came or adamw (default: the config's, else came)")
   ap.add_argument("--ema", action="store_true", default=None, help="keep an fp32 EMA in the train state")
   ap.add_argument("--grad-accum", type=int, default=None, help="micro-batches per update (default 1)")
   ap.add_argument("--steps", type=int, default=20, help="sampler steps (DPM-Solver++; memory does not depend on it)")
   ap.add_argument("--no-guidance", action="store_true", help="sample without classifier-free guidance")
+  ap.add_argument("--vae-tile", default="auto", help="latent tile of the VAE decode: auto (as the Pipeline: 128 "
+                  "above 2048 px), none, or a size")
+  ap.add_argument("--cost", action="store_true", help="add the compiler's cost estimate (FLOPs, bytes, TPU "
+                  "estimated seconds -> predicted step time and MFU); compiles each program a second time unrolled")
   ap.add_argument("--json", action="store_true", help="print one JSON document instead of text")
   ap.add_argument("-v", "--verbosity", type=int, default=0, help="1 or more: a traceback with every error")
   return ap
@@ -144,7 +172,7 @@ def _devices(args):
   try:
     return topologies.get_topology_desc(args.topology, "tpu").devices
   except RuntimeError as e:
-    raise ValueError(f"--topology {args.topology}: {e} (install libtpu, e.g. `pip install -e .[tpu]`; "
+    raise ValueError(f"--topology {args.topology}: {e} (install libtpu: `pip install -e .[plan]`; "
                      "no TPU hardware is needed for ahead-of-time compilation)") from None
 
 
@@ -166,74 +194,114 @@ def _check_args(args) -> None:
   checks.positive("--steps", args.steps)
 
 
+STAGES = ("encode", "denoise", "decode")
+
+
+def _what(text: str) -> list[str]:
+  items = [x.strip() for x in text.split(",") if x.strip()]
+  bad = [x for x in items if x not in ("train", "sample") + STAGES]
+  if bad or not items:
+    raise ValueError(f"--what {text!r}: takes a comma list of train, sample, encode, denoise, decode")
+  return items
+
+
+def _tile(text: str):
+  if text in ("auto", "none"):
+    return None if text == "none" else "auto"
+  if not text.isdigit() or int(text) < 1:
+    raise ValueError(f"--vae-tile {text!r}: expected auto, none or a positive latent tile size")
+  return int(text)
+
+
 def main(argv: list[str] | None = None, *, reexec: bool = False) -> list[dict]:
   """Parses `argv`, compiles, prints; returns the plans as dicts. reexec: allow restarting the process to get the
   fake device count (only for the command line entry)."""
   args = build_parser().parse_args(argv)
   _check_args(args)
-  config = _load_config(args.config) if args.config else None
-  mesh_text = args.mesh
-  if mesh_text is None and config is not None:
-    m = _get(config, "mesh", "mesh.axes")
-    if m is not None:
-      mesh_text = ",".join(f"{k}={v}" for k, v in (m.items() if hasattr(m, "items") else m))
+  what = _what(args.what)
+  tile = _tile(args.vae_tile)
+  recipe = recipe_settings(_load_config(args.config)) if args.config else {}
+  mesh_text = args.mesh or recipe.get("mesh")
   if mesh_text is None:
-    raise ValueError("--mesh is required (e.g. --mesh fsdp=8), or a config with a `mesh` entry")
+    raise ValueError("--mesh is required (e.g. --mesh fsdp=8), or a --config recipe (its `mesh`)")
   mesh_spec = _parse_mesh(mesh_text)
   _setup_devices(args, mesh_spec, reexec)
+
+  import dataclasses
 
   from pixart_jax.models.attention_backends import AttentionOptions
   from pixart_jax.models.config import from_preset
   from pixart_jax.parallel import planning
   from pixart_jax.parallel.mesh import make_mesh
+  from pixart_jax.train.loop import merged_rules
   from pixart_jax.train.optimizers import OptimizerConfig
 
-  preset = args.preset or (_get(config, "model.preset", "model.name", "preset") if config is not None else None)
+  preset = args.preset or recipe.get("preset")
   if preset is None:
-    raise ValueError("name the model: --preset NAME or a config with model.preset")
-  overrides = dict(_get(config, "model.overrides", default={}) or {}) if config is not None else {}
-  attention = _get(config, "model.attention") if config is not None else None
-  cfg = from_preset(str(preset), overrides)
+    raise ValueError("name the model: --preset NAME or a --config recipe")
+  cfg = from_preset(str(preset), recipe.get("overrides") if not args.preset else None)
   mesh = make_mesh(mesh_spec, devices=_devices(args))
+  rules = merged_rules(recipe.get("rules", ()))
   h, w = _parse_res(args.res) if args.res else (cfg.image_size, cfg.image_size)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  batch = args.batch or (_get(config, "batch_size", "data.global_batch", "train.batch_size")
-                         if config is not None else None) or shards
-  cget = (lambda *p, default=None: _get(config, *p, default=default)) if config is not None else (
-      lambda *p, default=None: default)
-  opt_dict = cget("optimizer", default=None)
-  opt = OptimizerConfig.from_dict(dict(opt_dict)) if opt_dict is not None else OptimizerConfig()
+  batch = args.batch or recipe.get("batch") or shards
+  opt = OptimizerConfig.from_dict(recipe["optimizer"]) if "optimizer" in recipe else OptimizerConfig()
   if args.optimizer:
     opt = (OptimizerConfig.from_dict(dict(name=args.optimizer, betas=(0.9, 0.999), eps=1e-8))
            if args.optimizer == "adamw" else OptimizerConfig.from_dict(dict(name=args.optimizer)))
+  attention = AttentionOptions.parse(args.attention) if args.attention else recipe.get("attention",
+                                                                                        AttentionOptions())
+  if args.sequence_parallel:
+    attention = dataclasses.replace(attention, sequence_parallel=True)
+  dtype = args.dtype or recipe.get("dtype", "bfloat16")
+  param_dtype = args.param_dtype or recipe.get("param_dtype", "float32")
   work = planning.Workload(
-      cfg, (h // 8, w // 8), int(batch),
-      dtype=_dtype(args.dtype or str(cget("model.dtype", "dtype", default="bfloat16"))),
-      param_dtype=_dtype(args.param_dtype or str(cget("model.param_dtype", "param_dtype", default="float32"))),
-      remat=args.remat or str(cget("model.remat", "remat", default="full")),
-      ema=bool(args.ema if args.ema is not None else cget("ema.rate", default=None) is not None),
-      grad_accum=args.grad_accum or int(cget("grad_accum", "train.grad_accum", default=1)),
-      steps=args.steps, guidance=not args.no_guidance, attention=AttentionOptions.parse(attention),
-      distill=_distill(config))
-  what = [x.strip() for x in args.what.split(",") if x.strip()]
-  bad = [x for x in what if x not in ("train", "sample")]
-  if bad or not what:
-    raise ValueError(f"--what takes train and/or sample, got {args.what!r}")
+      cfg, (h // 8, w // 8), int(batch), dtype=_dtype(dtype), param_dtype=_dtype(param_dtype),
+      remat=args.remat or recipe.get("remat", "full"), scan=recipe.get("scan", True),
+      ema=bool(args.ema if args.ema is not None else recipe.get("ema", False)),
+      grad_accum=args.grad_accum or recipe.get("grad_accum", 1),
+      steps=args.steps, guidance=not args.no_guidance, attention=attention,
+      distill=recipe.get("distill"))
 
   method = (f"TPU ahead-of-time compile for topology {args.topology} (libtpu)" if args.topology else
             f"CPU compile of the SPMD program on {mesh.devices.size} fake CPU devices")
-  header = (f"plan: {preset} at {w}x{h} px (latent {h // 8}x{w // 8}), global batch {batch}, "
-            f"compute {args.dtype or 'bfloat16'}, remat {work.remat}, optimizer {opt.name.value}; {method}")
-  plans = []
+  backend = planning.resolve(attention, work.dtype, mesh.devices.flat[0].platform).backend.value
+  header = (f"plan: {preset}{' from ' + args.config if args.config else ''} at {w}x{h} px (latent {h // 8}x{w // 8}), "
+            f"global batch {batch}, compute {dtype}, params {param_dtype}, remat {work.remat}, attention {backend}"
+            f"{' (sequence parallel)' if attention.sequence_parallel else ''}, optimizer {opt.name.value}; {method}")
+  plans, summaries = [], []
   if not args.json:
     print(header, flush=True)
-  for item in what:
-    p = planning.plan_train(work, mesh, optimizer=opt) if item == "train" else planning.plan_sample(work, mesh)
-    plans.append(dict(p.as_dict(), method=method, preset=str(preset), res=[w, h], batch=int(batch)))
+
+  def emit(p, kind):
+    plans.append(dict(p.as_dict(), program=kind, method=method, preset=str(preset), res=[w, h], batch=int(batch),
+                      attention=backend))
     if not args.json:
       print(planning.format_plan(p), flush=True)
+
+  for item in what:
+    if item == "train":
+      emit(planning.plan_train(work, mesh, optimizer=opt, rules=rules, cost=args.cost), "train")
+    elif item == "sample":
+      stages = planning.plan_pipeline(work, mesh, tile_latent=tile, rules=rules, cost=args.cost)
+      for p in stages:
+        emit(p, "sample")
+      summary = planning.pipeline_summary(stages)
+      summaries.append(summary)
+      if not args.json:
+        print(planning.format_pipeline(summary), flush=True)
+    else:
+      t5, vae = planning.pipeline_models(cfg)
+      if item == "encode":
+        p = planning.plan_encode(work, mesh, t5, rules, cost=args.cost)
+      elif item == "denoise":
+        p = planning.plan_sample(work, mesh, rules=rules, cost=args.cost)
+      else:
+        p = planning.plan_decode(work, mesh, vae, planning.pipeline_tile(h, w) if tile == "auto" else tile, rules,
+                                 cost=args.cost)
+      emit(p, item)
   if args.json:
-    print(json.dumps({"header": header, "plans": plans}, default=str))
+    print(json.dumps({"header": header, "plans": plans, "pipeline": summaries}, default=str))
   return plans
 
 

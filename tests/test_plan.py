@@ -1,5 +1,7 @@
 """The memory planner (pixart_jax.plan / parallel.planning) and the analytic FLOP counter (models.flops)."""
+import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -55,12 +57,12 @@ def test_train_plan_tiny_fsdp8():
 def test_plan_cli_json_parses():
   env = dict(os.environ, PYTHONPATH=ROOT)
   out = subprocess.run([sys.executable, "-m", "pixart_jax.plan", "--preset", "tiny", "--mesh", "fsdp=4,data=2",
-                        "--what", "sample", "--dtype", "float32", "--json"], capture_output=True, text=True,
+                        "--what", "denoise", "--dtype", "float32", "--json"], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   doc = json.loads(out.stdout.strip().splitlines()[-1])
   (p,) = doc["plans"]
-  assert p["what"] == "sample" and p["devices"] == 8 and p["mesh"]["fsdp"] == 4 and p["mesh"]["data"] == 2
+  assert p["what"] == "denoise" and p["devices"] == 8 and p["mesh"]["fsdp"] == 4 and p["mesh"]["data"] == 2
   assert p["total_params"] == analytic_params(get_preset("tiny"))
   assert p["params"] < p["total_params"] * 4 / 2  # sharded 4 ways over fsdp
   assert p["temp"] > 0 and p["batch"] == 8 and set(p["verdicts"]) == set(planning.HBM_BYTES)
@@ -75,6 +77,8 @@ def test_plan_cli_json_parses():
     (["--preset", "nope", "--mesh", "fsdp=8"], "unknown DiT preset"),
     (["--preset", "tiny", "--mesh", "fsdp=8", "--what", "eval"], "--what"),
     (["--preset", "tiny", "--mesh", "fsdp=4"], "already runs jax with 8 devices"),  # in-process: no re-exec
+    (["--preset", "tiny", "--mesh", "fsdp=8", "--vae-tile", "0"], "--vae-tile"),
+    (["--config", "configs/nope.py", "--devices", "8"], "no such file"),
 ])
 def test_plan_cli_bad_input(argv, msg, monkeypatch):
   for var in ("XLA_FLAGS", "JAX_PLATFORMS"):  # main() sets them; restore after the test
@@ -108,3 +112,89 @@ def test_flops_match_xla_count_of_unrolled_forward():
   xla = compiled.cost_analysis()["flops"]
   ours = flops.dit_forward_flops(cfg, 16, 16, cfg.max_caption_len, batch=2)
   assert 0.9 * xla <= ours <= xla, (ours, xla)
+
+
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))) + sorted(
+    f for f in glob.glob(os.path.join(ROOT, "configs", "weak_to_strong", "*.py"))
+    if not os.path.basename(f).startswith("_"))
+
+
+def test_every_recipe_is_listed():
+  assert len(RECIPES) >= 11 and all(os.path.isfile(f) for f in RECIPES)
+
+
+@pytest.mark.parametrize("recipe", [os.path.relpath(f, ROOT) for f in RECIPES])
+def test_plan_config_every_recipe_at_smoke_size(recipe, monkeypatch):
+  """`plan --config RECIPE:smoke --devices 8` plans what the recipe trains: its preset + overrides (the smoke
+  size), its mesh (data=-1 over the 8 devices), global batch, dtype, remat and attention backend."""
+  for var in ("XLA_FLAGS", "JAX_PLATFORMS"):
+    monkeypatch.setenv(var, os.environ.get(var, ""))
+  from pixart_jax.plan import _load_config, recipe_settings
+  from pixart_jax.train.loop import model_spec
+
+  config = _load_config(os.path.join(ROOT, recipe) + ":smoke")
+  spec = model_spec(config.model)  # what the trainer builds from the same recipe
+  plans = plan_main(["--config", os.path.join(ROOT, recipe) + ":smoke", "--devices", "8", "--what", "train",
+                     "--json"])
+  (p,) = plans
+  assert p["what"] == "train" and p["error"] is None
+  assert p["mesh"]["data"] == 8 and p["devices"] == 8  # the recipe's mesh (("data", -1),) over 8 devices
+  assert p["batch"] == config.data.batch_size == 8
+  h = spec.cfg.sample_size
+  assert p["res"] == [8 * h, 8 * h]
+  from pixart_jax.models.spec import abstract
+  want = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract(spec), nnx.Param)))
+  assert p["total_params"] == want  # the recipe's overrides (smoke size, KV compression layers) were planned
+  assert p["attention"] == "blockwise"  # auto on the CPU
+  assert p["flops_analytic"] == pytest.approx(
+      flops.dit_train_flops(spec.cfg, h, h, spec.cfg.max_caption_len, 8) / 8)
+  r = recipe_settings(config)
+  assert r["dtype"] == "float32" and r["remat"] == "none"  # smoke: what the plan compiled
+  assert p["params"] * 8 >= want * 4  # fp32 parameters (the recipe's param dtype), replicated over data
+
+
+def test_plan_config_full_size_reads_recipe(monkeypatch):
+  """A full recipe (no :smoke): its global batch, bf16 compute, remat full and fsdp mesh reach the plan (the
+  compile is skipped: only the settings are checked)."""
+  from pixart_jax.plan import _load_config, recipe_settings
+
+  r = recipe_settings(_load_config(os.path.join(ROOT, "configs", "pixart_sigma_1024_ms.py")))
+  assert r["preset"] == "sigma-xl2-1024-ms" and r["batch"] == 256 and r["mesh"] == "fsdp=-1"
+  assert r["dtype"] == "bfloat16" and r["remat"] == "full" and r["attention"].backend.value == "auto"
+  assert all(v is not None for v in r["overrides"].values())
+
+
+def test_plan_sample_is_the_whole_pipeline_with_tiles(monkeypatch):
+  """--what sample: T5 encode, the CFG denoising loop and the VAE decode, each with the other models resident;
+  a forced tile size plans the tiled decode (one tile program + the full-size blend buffers)."""
+  for var in ("XLA_FLAGS", "JAX_PLATFORMS"):
+    monkeypatch.setenv(var, os.environ.get(var, ""))
+  plans = plan_main(["--preset", "tiny", "--mesh", "data=8", "--res", "128x128", "--what", "sample", "--dtype",
+                     "float32", "--vae-tile", "8", "--json"])
+  enc, den, dec = plans
+  assert [enc["what"], den["what"]] == ["encode", "denoise"]
+  assert dec["what"] == "decode (9 tiles of 8)"  # 16 latent cells, tiles of 8 overlapping by 2: starts 0, 6, 8
+  for p, others in ((enc, (den, dec)), (den, (enc, dec)), (dec, (enc, den))):
+    assert p["resident"] >= sum(o["params"] for o in others)
+  # the tiled decode's resident bytes include the (B, 128, 128, 3) f32 accumulator (batch 8 over 8 devices)
+  assert dec["resident"] - enc["params"] - den["params"] >= 128 * 128 * 3 * 4
+  untiled = plan_main(["--preset", "tiny", "--mesh", "data=8", "--res", "128x128", "--what", "decode", "--dtype",
+                       "float32", "--json"])[0]
+  assert untiled["what"] == "decode" and untiled["temp"] > dec["temp"]  # one 8x8 tile needs less than 16x16
+
+
+def test_cost_estimate_is_the_compilers_seconds_times_units():
+  """The compiler's estimate: its seconds x the loop's trip count, MFU against the chip's bf16 peak; no seconds
+  (the CPU backend) -> no predicted time."""
+  from pixart_jax.parallel import chips
+
+  raw = dict(flops=2e12, bytes=1e9, seconds=0.01)
+  c = planning.cost_estimate(raw, 20, 4.0e13, "TPU v5 lite", "test")
+  assert c["predicted_seconds"] == pytest.approx(0.2) and c["flops"] == pytest.approx(4e13)
+  assert c["chip"] == "v5e" and c["mfu"] == pytest.approx(4.0e13 / (0.2 * chips.BY_NAME["v5e"].bf16_flops))
+  assert "estimate" in c["label"] and "not a measurement" in c["label"]
+  cpu = planning.cost_estimate(dict(flops=1.0, bytes=1.0, seconds=None), 3, 1.0, "cpu", "test")
+  assert cpu["predicted_seconds"] is None and cpu["mfu"] is None and cpu["flops"] == 3.0
+  compiled = jax.jit(lambda a: a @ a).lower(jax.ShapeDtypeStruct((64, 64), jnp.float32)).compile()
+  got = planning._cost(compiled)
+  assert got["flops"] == pytest.approx(2 * 64**3, rel=0.05) and got["bytes"] > 0
