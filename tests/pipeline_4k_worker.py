@@ -1,6 +1,6 @@
 """Samples ONE 4096 x 4096 request (512 x 512 latent, 256 x 256 = 65,536 tokens) end to end in this process and
 prints one JSON line: the image's shape and dtype, the layout the Pipeline chose, seconds per stage and the peak
-RSS (ru_maxrss) in MiB.
+RSS of this process (VmHWM) in MiB.
 
     python tests/pipeline_4k_worker.py PIPELINE_DIR
 
@@ -13,7 +13,7 @@ Used by tests/test_sampling_layout.py (a subprocess, so the peak RSS is this req
 from __future__ import annotations
 
 import json
-import resource
+import pathlib
 import sys
 import time
 
@@ -28,6 +28,15 @@ from pixart_jax.models.text_encoder import TextEncoder
 from pixart_jax.models.vae import AutoencoderKL, VAEConfig
 
 SIZE = 4096
+
+
+def peak_rss_mib() -> float:
+  """The peak RSS of this process's memory since it started (/proc/self/status VmHWM). Not ru_maxrss: Linux carries
+  that over from the parent across fork + exec, so under a large pytest worker it reports the worker's size."""
+  for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+    if line.startswith("VmHWM:"):
+      return int(line.split()[1]) / 1024  # KiB
+  raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main(path: str) -> None:
@@ -45,7 +54,7 @@ def main(path: str) -> None:
   img = pipe(["a small wooden cabin in a snowy forest at night"], height=SIZE, width=SIZE, steps=1,
              guidance_scale=4.5, use_resolution_binning=False, seed=0, timings=timings)
   total = time.perf_counter() - t0
-  rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+  rss_mib = peak_rss_mib()
   print(json.dumps({"shape": list(img.shape), "dtype": str(img.dtype), "std": float(np.asarray(img).std()),
                     "sequence": layout.sequence, "vae_tile_latent": layout.vae_tile_latent,
                     "timings": timings, "seconds": total, "peak_rss_mib": rss_mib}))

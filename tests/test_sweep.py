@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixart_jax import outputs, sweep, sweeps
+from pixart_jax import outputs, sweeps
+from pixart_jax import sweep_run as sweep
 from pixart_jax.sweep_report import read_curve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
