@@ -184,13 +184,13 @@ class T5Attention(nnx.Module):
     x = x.astype(dt)
 
     def heads(w):  # B S D -> B S H K
-      y = jnp.einsum("bsd,de->bse", x, w.kernel[...].astype(dt))
+      y = jnp.einsum("bsd,de->bse", x, w.kernel[...].astype(dt), preferred_element_type=jnp.float32).astype(dt)
       return einops.rearrange(y, "b s (h k) -> b s h k", h=self.num_heads)
 
     q, k, v = heads(self.q), heads(self.k), heads(self.v)
     logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32) + bias
     probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqs,bshk->bqhk", probs.astype(dt), v)
+    out = jnp.einsum("bhqs,bshk->bqhk", probs.astype(dt), v, preferred_element_type=jnp.float32).astype(dt)
     out = einops.rearrange(out, "b q h k -> b q (h k)")
     return jnp.einsum("bqe,ed->bqd", out, self.o.kernel[...].astype(dt),
                       preferred_element_type=jnp.float32)
