@@ -3,6 +3,7 @@
     python bench/bench_forward.py --batches 1,2            # 256 and 512 px, batch 1 and 2, fp32, CPU
     python bench/bench_forward.py --sizes 256 --batches 1 --runs 5
     python bench/bench_forward.py --xla-flags=--xla_cpu_use_xnnpack=true   # try an XLA CPU option (note the =)
+    python bench/bench_forward.py --sizes 256 --dtypes float32,bfloat16     # also the opt-in bf16 compute path
 
 Both models get the same random weights (diffusers model -> save_pretrained -> our loader) and the same inputs
 (NHWC latents for JAX, NCHW for torch, 300 caption tokens with 120 valid); the first size's outputs are compared.
@@ -10,6 +11,11 @@ JAX: `jax.jit`, AOT-compiled (compile time reported), precision `--precision` (d
 'default' lets XLA CPU use its fastest fp32 path). torch: `inference_mode`, threads = cores. Timing: `--warmup`
 untimed calls, median of `--runs`. FLOPs: `pixart_jax.models.flops.dit_forward_flops` (matmuls only, 2 x MACs);
 GFLOP/s is compared with a measured fp32 matmul peak of this CPU (best of JAX and torch on a 2048^3 matmul).
+
+`--dtypes ...,bfloat16`: bf16 compute with fp32 weights on both sides (ours: `load_transformer(dtype=bfloat16)`,
+softmax and norms in fp32; torch: `torch.autocast("cpu", bfloat16)`). Native bf16 dots need avx512_bf16 / AMX (the
+first line lists the CPU's flags); elsewhere they are emulated and slow. Its accuracy is reported against the fp32
+torch output of the same inputs (max |out - ref| / max |ref|), and its speed against both torch bf16 and torch fp32.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ def main():
   ap.add_argument("--runs", type=int, default=2, help="timed calls per measurement (median)")
   ap.add_argument("--warmup", type=int, default=1, help="untimed calls first")
   ap.add_argument("--depth", type=int, default=28, help="DiT blocks (28 = XL/2; fewer for a quick check)")
+  ap.add_argument("--dtypes", default="float32",
+                  help="comma list of compute dtypes: float32 (exact reference) and/or bfloat16 (opt-in)")
   ap.add_argument("--precision", default="highest", choices=["highest", "high", "default"],
                   help="jax_default_matmul_precision")
   ap.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for this run (set before jax starts)")
@@ -68,18 +76,20 @@ def main():
   with torch.no_grad():  # non-zero everywhere (the zero-initialised out projections too)
     for p in tmodel.parameters():
       p.normal_(0.0, 0.02)
+  dtypes = [d.strip() for d in args.dtypes.split(",")]
+  for d in dtypes:
+    if d not in ("float32", "bfloat16"):
+      raise SystemExit(f"--dtypes: {d!r} is not a compute dtype; valid: float32, bfloat16")
+  tmpdir = tempfile.TemporaryDirectory()
   t0 = time.perf_counter()
-  with tempfile.TemporaryDirectory() as d:
-    tmodel.save_pretrained(d)
-    model = load_transformer(d, dtype=jnp.float32)
+  tmodel.save_pretrained(tmpdir.name)
+  models = {d: load_transformer(tmpdir.name, dtype=jnp.dtype(d)) for d in dtypes}
   print(f"same weights via save_pretrained -> load_transformer in {time.perf_counter() - t0:.1f} s; "
-        f"depth {args.depth}, fp32\n")
-  cfg = model.cfg
-  graphdef, state = nnx.split(model)
-  fwd = jax.jit(lambda st, x, t, y, m: nnx.merge(graphdef, st)(x, t, y, m))
+        f"depth {args.depth}, compute {', '.join(dtypes)} (weights fp32)\n")
+  cfg = next(iter(models.values())).cfg
 
   rng = np.random.default_rng(0)
-  rows, checked = [], False
+  rows = []
   for px in [int(s) for s in args.sizes.split(",")]:
     for b in [int(s) for s in args.batches.split(",")]:
       lat = px // 8
@@ -89,13 +99,7 @@ def main():
       m = np.zeros((b, 300), np.int64)
       m[:, :120] = 1
       ja = (jnp.asarray(x), jnp.asarray(t), jnp.asarray(y), jnp.asarray(m.astype(np.int32)))
-      c0 = time.perf_counter()
-      compiled = fwd.lower(state, *ja).compile()
-      compile_s = time.perf_counter() - c0
-      tj = time_fn(lambda: compiled(state, *ja).block_until_ready(), warmup=args.warmup, runs=args.runs)
       flops = dit_forward_flops(cfg, lat, lat, 300, b)
-      row = [f"{px}x{px}", b, (lat // 2) ** 2, f"{flops / 1e9:.1f}", f"{tj.median * 1e3:.0f}", f"{compile_s:.1f}",
-             f"{gflops(flops, tj.median):.1f} ({100 * gflops(flops, tj.median) / peak['best']:.0f} %)"]
       if not args.no_torch:
         tx = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
         targs = dict(encoder_hidden_states=torch.from_numpy(y), timestep=torch.from_numpy(t),
@@ -103,24 +107,43 @@ def main():
                                                                                       "aspect_ratio": None},
                      return_dict=False)
         with torch.inference_mode():
-          if not checked:
-            out_t = tmodel(tx, **targs)[0].numpy().transpose(0, 2, 3, 1)
-            out_j = np.asarray(compiled(state, *ja))
-            err = float(np.max(np.abs(out_t - out_j)) / np.max(np.abs(out_t)))
-            print(f"check {px}px batch {b}: max |JAX - torch| / max |torch| = {err:.2e}")
-            checked = True
-          tt = time_fn(lambda: tmodel(tx, **targs), warmup=args.warmup, runs=args.runs)
-        row += [f"{tt.median * 1e3:.0f}", f"{gflops(flops, tt.median):.1f}", f"**{tt.median / tj.median:.2f}x**"]
-      rows.append(row)
-      print(f"  {px}px b={b}: JAX {tj.fmt()}" + ("" if args.no_torch else f", torch {tt.fmt()}"), flush=True)
+          ref = tmodel(tx, **targs)[0].float().numpy().transpose(0, 2, 3, 1)
+      for dt, model in models.items():
+        graphdef, state = nnx.split(model)
+        fwd = jax.jit(lambda st, x, t, y, m, g=graphdef: nnx.merge(g, st)(x, t, y, m))
+        c0 = time.perf_counter()
+        compiled = fwd.lower(state, *ja).compile()
+        compile_s = time.perf_counter() - c0
+        tj = time_fn(lambda: compiled(state, *ja).block_until_ready(), warmup=args.warmup, runs=args.runs)
+        row = [f"{px}x{px}", b, dt, (lat // 2) ** 2, f"{flops / 1e9:.1f}", f"{tj.median * 1e3:.0f}", f"{compile_s:.1f}",
+               f"{gflops(flops, tj.median):.1f} ({100 * gflops(flops, tj.median) / peak['best']:.0f} %)"]
+        line = f"  {px}px b={b} {dt}: JAX {tj.fmt()}"
+        if not args.no_torch:
+          err_j = _rel_err(np.asarray(compiled(state, *ja), np.float32), ref)
+          autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dt == "bfloat16")
+          with torch.inference_mode(), autocast:
+            err_t = _rel_err(tmodel(tx, **targs)[0].float().numpy().transpose(0, 2, 3, 1), ref)
+            tt = time_fn(lambda: tmodel(tx, **targs), warmup=args.warmup, runs=args.runs)
+          row += [f"{err_j:.1e} / {err_t:.1e}", f"{tt.median * 1e3:.0f}", f"{gflops(flops, tt.median):.1f}",
+                  f"**{tt.median / tj.median:.2f}x**"]
+          line += f", torch {tt.fmt()}; error vs torch fp32: JAX {err_j:.1e}, torch {err_t:.1e}"
+        rows.append(row)
+        print(line, flush=True)
 
-  header = ["size", "batch", "tokens", "GFLOP", "JAX ms", "JAX compile s", "JAX GFLOP/s (% of peak)"]
+  header = ["size", "batch", "compute", "tokens", "GFLOP", "JAX ms", "JAX compile s", "JAX GFLOP/s (% of peak)"]
   if not args.no_torch:
-    header += ["torch ms", "torch GFLOP/s", "speedup torch/JAX (>1: JAX faster)"]
+    header += ["max err vs torch fp32: JAX / torch", "torch ms (same compute)", "torch GFLOP/s",
+               "speedup torch/JAX (>1: JAX faster)"]
   print()
   print(fmt_table(header, rows))
   print(f"\npeak = {peak['best']:.1f} GFLOP/s (measured fp32 matmul, best of JAX {peak['jax']:.1f} / torch "
         f"{peak['torch']:.1f})")
+
+
+def _rel_err(out, ref) -> float:
+  """max |out - ref| / max |ref| (both B H W C float32)."""
+  import numpy as np
+  return float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
 
 
 if __name__ == "__main__":

@@ -25,10 +25,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 
 def compare(ours, ref, prompts: list[str], lat, *, size: int, steps: int, guidance: float, runs: int,
-            torch_device: str = "cpu") -> dict:
+            torch_device: str = "cpu", torch_autocast_bf16: bool = False) -> dict:
   """Our Pipeline `ours` vs diffusers' PixArtSigmaPipeline `ref` drawing `prompts` from the same initial latents
   `lat` (B h w C numpy) at `size` px: the first call of each (JAX: trace + compile + run), `runs` later calls
-  (`common.Timing`), our encode / denoise / decode split (seconds, last call) and the max uint8 difference."""
+  (`common.Timing`), our encode / denoise / decode split (seconds, last call) and the max uint8 difference.
+  torch_autocast_bf16: run the reference under `torch.autocast(bfloat16)` (the counterpart of our bf16 compute)."""
   import numpy as np
   import torch
 
@@ -42,7 +43,8 @@ def compare(ours, ref, prompts: list[str], lat, *, size: int, steps: int, guidan
     return ours(prompts, steps=steps, latents=lat, timings=timings, **call_kw)
 
   def run_torch():
-    with torch.inference_mode():
+    autocast = torch.autocast(torch_device.split(":")[0], dtype=torch.bfloat16, enabled=torch_autocast_bf16)
+    with torch.inference_mode(), autocast:
       out = ref(prompts, num_inference_steps=steps, latents=lat_t.clone().to(ref.transformer.dtype),
                 output_type="np", clean_caption=False, **call_kw).images
     if torch_device != "cpu":
@@ -74,11 +76,14 @@ def main():
   ap.add_argument("--batch", type=int, default=1, help="prompts per call")
   ap.add_argument("--runs", type=int, default=2, help="timed calls after the first (median)")
   ap.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: all cores)")
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                  help="DiT and T5 compute dtype (weights fp32, VAE fp32); bfloat16: torch runs under autocast(bf16)")
   args = ap.parse_args()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
   import jax
+  import jax.numpy as jnp
   import numpy as np
   import torch
   from diffusers import PixArtSigmaPipeline
@@ -100,14 +105,15 @@ def main():
                               head_dim=args.head_dim, t5_dim=args.t5_dim)
     ref = PixArtSigmaPipeline.from_pretrained(path, torch_dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
-    ours = pj.Pipeline.from_pretrained(path, dtype=np.float32)
+    ours = pj.Pipeline.from_pretrained(path, dtype=jnp.dtype(args.dtype))
   cfg = ours.transformer.cfg
   print(f"pipeline: DiT {cfg.depth} x {cfg.hidden_size} ({cfg.num_heads} heads), T5 2 x {args.t5_dim}, "
         f"4-level VAE (8/8/16/16 ch); {args.size}x{args.size}, batch {args.batch}, {args.steps} steps, "
-        f"CFG {args.guidance}, fp32\n")
+        f"CFG {args.guidance}, compute {args.dtype}\n")
 
   lat = np.random.default_rng(0).standard_normal((args.batch, lat_side, lat_side, 4)).astype(np.float32)
-  res = compare(ours, ref, prompts, lat, size=args.size, steps=args.steps, guidance=args.guidance, runs=args.runs)
+  res = compare(ours, ref, prompts, lat, size=args.size, steps=args.steps, guidance=args.guidance, runs=args.runs,
+                torch_autocast_bf16=args.dtype == "bfloat16")
   first_j, first_t, tj, tt, split, diff = (res[k] for k in ("first_jax", "first_torch", "jax", "torch", "split",
                                                             "max_diff"))
   fl = sampling_flops(cfg, lat_side, lat_side, args.steps, batch=args.batch, guidance=args.guidance > 1)

@@ -56,6 +56,23 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+# The instruction-set features that decide CPU matmul speed (fp32 FMA width, native bf16 dots).
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> str:
+  """The matmul-relevant flags of this CPU (from /proc/cpuinfo), e.g. 'avx2 fma avx512f avx512_bf16 amx_bf16'."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          have = set(line.split(":", 1)[1].split())
+          return " ".join(fl for fl in _CPU_FLAGS if fl in have) or "none of " + ",".join(_CPU_FLAGS)
+  except OSError:
+    pass
+  return "n/a"
+
+
 def loadavg() -> str:
   try:
     with open("/proc/loadavg") as f:
@@ -65,9 +82,9 @@ def loadavg() -> str:
 
 
 def machine_description() -> str:
-  """One line: CPU model, cores, load, python/jax/torch/diffusers versions, JAX backend."""
+  """One line: CPU model and its matmul flags, cores, load, python/jax/torch/diffusers versions, JAX backend."""
   import jax
-  parts = [f"CPU {cpu_model()}", f"{os.cpu_count()} cores", f"load {loadavg()}", f"python {platform.python_version()}",
+  parts = [f"CPU {cpu_model()} [{cpu_flags()}]", f"{os.cpu_count()} cores", f"load {loadavg()}", f"python {platform.python_version()}",
            f"jax {jax.__version__} ({jax.default_backend()}, {jax.devices()[0].device_kind})"]
   try:
     import torch
