@@ -29,5 +29,8 @@ demo: $(STAMP_BASE)
 test: $(STAMP_TEST)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+bench: $(STAMP_TEST)
+	$(BIN)/python bench/headline.py
+
 clean:
 	rm -rf $(VENV) workdir_demo .pytest_cache

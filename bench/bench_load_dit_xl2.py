@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_load_memory import measure_peak_load  # noqa: E402
+from common import machine_description  # noqa: E402
 
 WEIGHT_BYTES = 610_856_096 * 4
 
@@ -57,6 +58,7 @@ def main():
   write_checkpoints(out)
   r = measure_peak_load(f"result = load_transformer({str(out / 'transformer')!r})", weight_bytes=WEIGHT_BYTES,
                         setup_source="from pixart_jax.convert.dit import load_transformer")
+  print(f"machine: {machine_description()}")
   print(f"diffusers safetensors XL/2: peak RSS increase {r['ratio']:.2f}x the fp32 weights "
         f"({r['peak_bytes'] / 2**30:.2f} GiB peak, {r['seconds']:.1f} s)")
 

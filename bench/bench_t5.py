@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from transformers import T5Config as HFT5Config
 from transformers import T5EncoderModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_description  # noqa: E402
 from pixart_jax.convert.t5_keys import load_t5  # noqa: E402
 
 
@@ -96,9 +97,7 @@ def main() -> None:
   times_ours, times_torch = _time_interleaved([run_ours, run_torch], args.warmup, args.runs)
   t_ours, t_torch = statistics.median(times_ours), statistics.median(times_torch)
 
-  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
-        f"jax {jax.__version__} ({jax.devices()[0].platform}, {jax.device_count()} devices), "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+  print(f"machine: {machine_description()}")
   print(f"config: d_model {args.d_model}, d_kv {args.d_kv}, heads {args.heads}, d_ff {args.d_ff}, "
         f"layers {args.layers}, vocab {args.vocab} ({n_params / 1e6:.1f} M params), batch {args.batch}, "
         f"length {args.length}, fp32; warmup {args.warmup}, median of {args.runs}")
