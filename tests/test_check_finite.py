@@ -39,3 +39,33 @@ def test_many_shapes_compile_once(caplog):
     check_finite(flat)
   compiles = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
   assert len(compiles) == 1, compiles
+
+
+def test_sharded_and_mixed_placements():
+  """Arrays sharded over a mesh, committed to one other device, and uncommitted are all checked (committed
+  arrays on different devices go into separate calls). In a child with 4 CPU devices."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  code = """if True:
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from pixart_jax.convert.strict import WeightLoadError, check_finite
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+    sharded = jax.device_put(jnp.ones((8, 6)), NamedSharding(mesh, P("data", "model")))
+    flat = {("a",): sharded, ("b",): jax.device_put(jnp.ones(3), jax.devices()[3]), ("c",): jnp.ones(5)}
+    check_finite(flat)
+    flat[("a",)] = jax.device_put(sharded.at[7, 5].set(jnp.nan), sharded.sharding)
+    flat[("b",)] = jax.device_put(jnp.array([1.0, jnp.inf, 0.0]), jax.devices()[3])
+    try:
+      check_finite(flat, "w")
+    except WeightLoadError as e:
+      print(e)
+  """
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert res.stdout.strip() == "cannot load w: 2 tensor(s) hold NaN or inf values: a, b", res.stdout
