@@ -62,10 +62,11 @@ def strength(name: str, value) -> float:
   return finite(name, value, low=0.0, low_open=True, high=1.0)
 
 
-def image(name: str, value) -> np.ndarray:
+def image(name: str, value, *, batch: int | None = None) -> np.ndarray:
   """An image or a batch of them -> (B H W 3) float32 in [-1, 1].
 
-  Accepts (H W 3) / (B H W 3) uint8 (0..255), float arrays in [-1, 1], or a PIL image (converted to RGB)."""
+  Accepts (H W 3) / (B H W 3) uint8 (0..255), float arrays in [-1, 1], or a PIL image (converted to RGB).
+  batch: the number of prompts; B must then be 1 or `batch`."""
   if hasattr(value, "convert") and hasattr(value, "size"):  # PIL
     value = np.asarray(value.convert("RGB"))
   try:
@@ -74,9 +75,12 @@ def image(name: str, value) -> np.ndarray:
     x = None
   if x is None or x.dtype.kind not in "uif" or x.ndim not in (3, 4) or x.shape[-1] != 3 or 0 in x.shape:
     raise ValueError(f"{name} must be an RGB image: (H W 3) or (B H W 3), uint8 0..255 or float in [-1, 1], or a "
-                     f"PIL image; got {type(value).__name__} of shape {getattr(x, 'shape', None)}")
+                     f"PIL image; got {type(value).__name__} of shape {getattr(x, 'shape', None)}"
+                     f"{'' if x is None else f' and dtype {x.dtype}'}")
   if x.ndim == 3:
     x = x[None]
+  if batch is not None and x.shape[0] not in (1, batch):
+    raise ValueError(f"{name} holds {x.shape[0]} images for {batch} prompts: give one image or one per prompt")
   if x.dtype == np.uint8:
     return x.astype(np.float32) / 127.5 - 1.0
   if x.dtype.kind in "iu":

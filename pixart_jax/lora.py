@@ -112,7 +112,7 @@ def merge_lora(model: nnx.Module, adapters: Adapters, cfg: LoraConfig) -> nnx.Mo
 # ---------------------------------------------------------------------------------------------------------------
 def save_lora(adapters: Adapters, cfg: LoraConfig, path: str | os.PathLike) -> pathlib.Path:
   """Adapter weights only: `adapters.safetensors` (keys `<path>.lora_a` / `.lora_b`) + `lora_config.json`."""
-  from pixart_jax.convert.writers import write_safetensors
+  from pixart_jax.convert.writers import replace_atomically, write_safetensors
 
   out = pathlib.Path(path)
   out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,8 @@ def save_lora(adapters: Adapters, cfg: LoraConfig, path: str | os.PathLike) -> p
     tensors[f"{_name(p)}.lora_a"] = np.asarray(ad["a"])
     tensors[f"{_name(p)}.lora_b"] = np.asarray(ad["b"])
   write_safetensors(out / "adapters.safetensors", tensors)
-  (out / "lora_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+  text = json.dumps(dataclasses.asdict(cfg), indent=2)
+  replace_atomically(out / "lora_config.json", lambda f: f.write(text), mode="w")
   return out
 
 
@@ -155,7 +156,7 @@ def save_peft_lora(adapters: Adapters, cfg: LoraConfig, dit_cfg: DiTConfig, path
   `adapter_model.safetensors` with `base_model.model.<module>.lora_A.weight` (r, in) / `lora_B.weight` (out, r),
   one pair per layer of a stacked stage, and `adapter_config.json` (r, lora_alpha, use_rslora, the full module
   names as target_modules); `peft.PeftModel.from_pretrained(transformer, path)` loads it."""
-  from pixart_jax.convert.writers import write_safetensors
+  from pixart_jax.convert.writers import replace_atomically, write_safetensors
 
   where = {(e.path, e.index): e.key[: -len(".weight")] for e in dit_keys.diffusers_table(dit_cfg)
            if e.layout == "linear"}
@@ -172,11 +173,12 @@ def save_peft_lora(adapters: Adapters, cfg: LoraConfig, dit_cfg: DiTConfig, path
       modules.append(module)
   out = pathlib.Path(path)
   out.mkdir(parents=True, exist_ok=True)
-  write_safetensors(out / "adapter_model.safetensors", tensors)
+  write_safetensors(out / "adapter_model.safetensors", tensors)  # each file replaced atomically
   conf = {"peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora,
           "target_modules": modules, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
           "init_lora_weights": True, "task_type": None, "base_model_name_or_path": None, "inference_mode": True}
-  (out / "adapter_config.json").write_text(json.dumps(conf, indent=2))
+  text = json.dumps(conf, indent=2)
+  replace_atomically(out / "adapter_config.json", lambda f: f.write(text), mode="w")
   return out
 
 

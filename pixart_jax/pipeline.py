@@ -222,16 +222,10 @@ class Pipeline:
   def control_latents(self, control_image, batch: int, height: int, width: int) -> jax.Array:
     """Control image(s) -> (batch, height/f, width/f, C) diffusion-space latents (the VAE posterior mean).
 
-    control_image: one image or `batch` images, uint8 (H W 3) / (B H W 3) or a PIL image, resized to cover
-    height x width and center-cropped (as the official ControlNet inference script does), VAE-encoded as `image`."""
-    arr = np.asarray(control_image)
-    if arr.ndim == 3:
-      arr = arr[None]
-    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-      raise ValueError(f"control_image must be uint8 RGB (H, W, 3) or (B, H, W, 3), got {arr.dtype} {arr.shape}")
-    if arr.shape[0] not in (1, batch):
-      raise ValueError(f"control_image holds {arr.shape[0]} images for {batch} prompts: give 1 or {batch}")
-    x = jnp.asarray(arr.astype(np.float32) / 127.5 - 1.0)
+    control_image: one image or `batch` images as `checks.image` takes them (uint8 / float in [-1, 1] (H W 3) /
+    (B H W 3), a PIL image), resized to cover height x width and center-cropped (as the official ControlNet
+    inference script does), VAE-encoded as `image`."""
+    x = jnp.asarray(checks.image("control_image", control_image, batch=batch))
     lat = self._encode(self._vae_state, x, height=height, width=width)
     return jnp.broadcast_to(lat, (batch, *lat.shape[1:])).astype(jnp.float32)
 
@@ -321,9 +315,7 @@ class Pipeline:
         raise ValueError(f"{'strength < 1' if mask is None else 'a mask'} needs an image: pass image=... (the image "
                          f"to edit)")
     else:
-      pixels = checks.image("image", image)
-      if pixels.shape[0] not in (1, b):
-        raise ValueError(f"image holds {pixels.shape[0]} images for {b} prompts: give one image or one per prompt")
+      pixels = checks.image("image", image, batch=b)
       ih, iw = pixels.shape[1:3]
       if (height is not None and height != ih) or (width is not None and width != iw):
         raise ValueError(f"image is {iw}x{ih} pixels (WIDTHxHEIGHT) but height={height}, width={width} were asked: "

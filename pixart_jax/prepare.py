@@ -67,7 +67,8 @@ _CONTROL_SIGMA = flags.DEFINE_float("control_sigma", 1.0, "Gaussian sigma in pix
 _THREADS = flags.DEFINE_integer("num_threads", 8, "Image decode/resize threads per host.")
 _TFDS_DIR = flags.DEFINE_string("tfds_data_dir", None, "data_dir for tfds: sources.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU slices).")
+    "distributed", False, "Join a multi-process run first (jax.distributed.initialize with cluster detection; "
+    "multi-host TPU slices); a failure to join is an error.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar with images/s.")
 
 flags.mark_flags_as_required(["source", "encoders", "out"])
@@ -76,7 +77,6 @@ flags.mark_flags_as_required(["source", "encoders", "out"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax
   import jax.numpy as jnp
 
   from pixart_jax.data import prepare_lib, sources
@@ -89,7 +89,9 @@ def main(argv):
       control_sigma=_CONTROL_SIGMA.value)
   options.validate()  # bad numbers fail before any model loads
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    from pixart_jax.parallel import distributed
+
+    distributed.initialize(required=True)
   spec = _SOURCE.value
   source = sources.resolve_source(spec, image_field=_IMAGE_FIELD.value,
                                   caption_field=_CAPTION_FIELD.value,

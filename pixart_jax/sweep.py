@@ -22,7 +22,6 @@ exit 1.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 
@@ -41,8 +40,6 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the trials and their statu
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only write sweep.csv / sweep.png from the trials' logs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-log = logging.getLogger(__name__)
-
 
 def _split_spec(spec: str) -> tuple[str, str | None]:
   path, sep, arg = spec.partition(":")
@@ -50,14 +47,11 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
 
 
 def _init_distributed() -> None:
-  """On a Cloud TPU VM (libtpu installed) every worker of the slice runs the sweep; JAX connects them."""
-  if importlib.util.find_spec("libtpu") is None:
-    return
-  import jax
-  try:
-    jax.distributed.initialize()
-  except (RuntimeError, ValueError) as e:  # a single host without a cluster
-    log.info("jax.distributed.initialize() not used: %s", e)
+  """On a Cloud TPU VM every worker of the slice runs the sweep; JAX connects them (a single host without a
+  cluster runs alone)."""
+  from pixart_jax.parallel import distributed
+
+  distributed.initialize()
 
 
 def main(argv) -> int:

@@ -71,7 +71,7 @@ def test_whole_official_checkpoint_and_export_round_trip(tmp_path, ref):
     np.testing.assert_array_equal(written[k], v.numpy(), err_msg=k)
   again = controlnet_keys.load_controlnet(out, base=model.base_model)
   assert rel_err(np.asarray(again(x, t, y, mask, control=c)), want) <= 1e-5
-  with pytest.raises(FileExistsError, match="never overwrites"):
+  with pytest.raises(FileExistsError, match="does not overwrite"):
     controlnet_keys.export_controlnet(model.controlnet, cfg, out)
 
 
@@ -126,3 +126,57 @@ def test_micro_conditioned_base_matches_official_ms_controlnet(tmp_path):
             aspect_ratio=np.array([[1.5], [1.0]], np.float32))
   want = control_forward(ref, ctrl, x, t, y, mask, c, **kw)
   assert rel_err(np.asarray(model(x, t, y, mask, control=c, **kw)), want) <= 1e-5
+
+
+def _perturbed(branch, seed):
+  for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(branch, nnx.Param))):
+    var.set_value(var.get_value() + jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), var.shape))
+  return branch
+
+
+def test_export_overwrite_is_atomic(tmp_path, ref, monkeypatch):
+  """An existing export is refused without overwrite; with it the new weights land; a write that fails half way
+  (disk full) keeps the previous file whole, also through the ControlNet trainable's export of a resumed run."""
+  import types
+
+  from safetensors.numpy import load_file
+
+  from pixart_jax.convert import writers
+  from pixart_jax.train.trainables import controlnet as trainable
+
+  base = dit_convert.load_transformer(_saved(ref, tmp_path))
+  cfg = base.cfg
+  path = tmp_path / "out" / "branch.safetensors"
+  first = controlnet_keys.export_controlnet(_perturbed(with_control(base, 1).controlnet, 1), cfg, path)
+  old = first.read_bytes()
+  second = _perturbed(with_control(base, 1).controlnet, 2)
+  with pytest.raises(FileExistsError, match=r"branch.safetensors exists: .* overwrite=True"):
+    controlnet_keys.export_controlnet(second, cfg, path)
+  assert path.read_bytes() == old
+
+  def disk_full(_):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(writers, "memoryview", disk_full, raising=False)  # fails after the header is written
+  with pytest.raises(OSError, match="No space"):
+    controlnet_keys.export_controlnet(second, cfg, path, overwrite=True)
+  assert path.read_bytes() == old and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+  # the trainable (a resumed run whose export already exists) goes through the same path
+  t = object.__new__(trainable.ControlNetTrainable)
+  t._base_graph, t._base_shapes = nnx.split(base, nnx.Param)
+  t.blocks, t.spec = 1, types.SimpleNamespace(cfg=cfg)
+  state = types.SimpleNamespace(ema=None, params=nnx.state(second, nnx.Param))
+  (tmp_path / "work" / "controlnet").mkdir(parents=True)
+  (tmp_path / "work" / trainable.EXPORT).write_bytes(old)
+  with pytest.raises(OSError, match="No space"):
+    t.export(state, tmp_path / "work")
+  assert (tmp_path / "work" / trainable.EXPORT).read_bytes() == old
+  monkeypatch.undo()
+  controlnet_keys.export_controlnet(second, cfg, path, overwrite=True)
+  want = dict(controlnet_keys.branch_tensors(second, cfg))
+  got = load_file(path)
+  assert sorted(got) == sorted(want) and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+  for k, v in want.items():
+    np.testing.assert_array_equal(got[k], np.asarray(v, np.float32), err_msg=k)
+  assert t.export(state, tmp_path / "work") == tmp_path / "work" / trainable.EXPORT
+  assert (tmp_path / "work" / trainable.EXPORT).read_bytes() == path.read_bytes()

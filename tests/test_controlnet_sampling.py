@@ -64,10 +64,19 @@ def test_bad_control_requests(tiny):
   _, _, base, pipe, img = tiny
   with pytest.raises(ValueError, match="control_image needs a ControlNet"):
     base(["x"], height=256, width=256, steps=2, control_image=img)
-  with pytest.raises(ValueError, match="control_image must be uint8 RGB"):
-    pipe(["x"], height=256, width=256, steps=2, control_image=img[..., 0])
-  with pytest.raises(ValueError, match="3 images for 2 prompts"):
-    pipe(["x", "y"], height=256, width=256, steps=2, control_image=np.stack([img] * 3))
+  # one validator for every image input (checks.image): one line naming control_image, the value, what is valid
+  h, w = img.shape[:2]
+  for bad, prompts, want in [
+      (img[..., 0], ["x"], "control_image must be an RGB image: (H W 3) or (B H W 3), uint8 0..255 or float in "
+                           f"[-1, 1], or a PIL image; got ndarray of shape ({h}, {w}) and dtype uint8"),
+      (img.astype(np.uint16), ["x"], "control_image: integer images must be uint8 (0..255), got uint16"),
+      (img.astype(np.float32), ["x"], "control_image: float images must hold finite values in [-1, 1], got values "
+                                      f"in [{img.min():g}, {img.max():g}]"),
+      (np.stack([img] * 3), ["x", "y"], "control_image holds 3 images for 2 prompts: give one image or one per prompt"),
+  ]:
+    with pytest.raises(ValueError) as e:
+      pipe(prompts, height=256, width=256, steps=2, control_image=bad)
+    assert str(e.value) == want
   with pytest.raises(ValueError, match="control_scale"):
     pipe(["x"], height=256, width=256, steps=2, control_image=img, control_scale=float("nan"))
 

@@ -2,6 +2,7 @@
 equals ours with the same initial latents."""
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 import pixart_jax as pj
@@ -22,3 +23,30 @@ def test_export_pipeline_round_trip(tmp_path):
   base_img = pj.Pipeline.from_pretrained(base, dtype=np.float32)(["a cat on a sofa"], height=256, width=256, steps=5,
                                                                   guidance_scale=4.5, latents=lat)
   assert np.abs(base_img.astype(int) - got.astype(int)).mean() > 0.5  # the export carries the modified weights
+
+
+def test_failed_re_export_keeps_the_earlier_one(tmp_path, monkeypatch):
+  """Re-export over an earlier export (overwrite=True) that fails while writing the transformer leaves the
+  earlier export whole (it is built aside and swapped in only when complete); a re-export that works replaces it."""
+  import pixart_jax.convert.pipeline_export as pe
+
+  base = make_tiny_pipeline(tmp_path / "base", seed=3)
+  ours = pj.Pipeline.from_pretrained(base, dtype=np.float32)
+  out = export_pipeline(ours.transformer, base, tmp_path / "export")
+
+  def snapshot():
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+  before = snapshot()
+  assert any(k.startswith("transformer/") for k in before)
+
+  def fail(*a, **k):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(pe, "write_transformer_files", fail)
+  with pytest.raises(OSError, match="No space"):
+    export_pipeline(ours.transformer, base, out, overwrite=True)
+  assert snapshot() == before
+  monkeypatch.undo()
+  export_pipeline(ours.transformer, base, out, overwrite=True)
+  assert snapshot() == before  # same weights: the same files, and no staging leftovers

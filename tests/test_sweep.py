@@ -226,3 +226,57 @@ def test_cli_dry_run_and_bad_inputs(tmp_path):
   assert sorted(os.listdir(work)) == [outputs.MARKER, "sweep.csv", "sweep.png"]
   assert [(r["name"], r["status"]) for r in _csv(work)] == [
       ("lr=0.002", "not started"), ("lr=0.0005", "not started"), ("lr=0.0001", "not started")]
+
+
+def test_sweep_joins_through_the_shared_distributed_init():
+  """The sweep CLI joins a multi-host run through parallel/distributed.py (one place): on a TPU VM it calls
+  jax.distributed.initialize() and a single host without a cluster logs and goes on; off a TPU VM (libtpu
+  installed but no TPU devices, as here) nothing is called. Run in a child: the CLI defines absl flags."""
+  code = """if True:
+    import logging
+    import jax
+    from pixart_jax import sweep
+    from pixart_jax.parallel import distributed
+    calls = []
+    def init(**kw):
+      calls.append(kw)
+      raise RuntimeError("no cluster here")
+    jax.distributed.initialize = init
+    shared = distributed.initialize
+    used = []
+    distributed.initialize = lambda *a, **k: (used.append(1), shared(*a, **k))[1]
+    logging.basicConfig(level=logging.INFO, format="LOG %(message)s")
+    distributed.on_tpu_vm = lambda: False
+    sweep._init_distributed()
+    assert (calls, used) == ([], [1]), (calls, used)
+    distributed.on_tpu_vm = lambda: True
+    sweep._init_distributed()
+    assert (calls, used) == ([{}], [1, 1]), (calls, used)
+    print("OK")
+  """
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)})
+  assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
+  assert "jax.distributed.initialize() not used: no cluster here" in res.stderr
+
+
+def test_required_join_raises_anywhere(monkeypatch):
+  """`prepare --distributed` (required=True) runs JAX's cluster detection even off a TPU VM and a failure is
+  raised, not logged away."""
+  import jax
+
+  from pixart_jax.parallel import distributed
+
+  calls = []
+
+  def init(**kw):
+    calls.append(kw)
+    raise RuntimeError("no cluster here")
+
+  monkeypatch.setattr(jax.distributed, "initialize", init)
+  monkeypatch.setattr(distributed, "on_tpu_vm", lambda: False)
+  distributed.initialize()
+  assert calls == []
+  with pytest.raises(RuntimeError, match="no cluster here"):
+    distributed.initialize(required=True)
+  assert calls == [{}]

@@ -179,14 +179,15 @@ def branch_tensors(branch: ControlBranch, cfg: DiTConfig) -> Iterator[tuple[str,
 
 
 def export_controlnet(branch: ControlBranch, cfg: DiTConfig, path: str | os.PathLike, *,
-                      dtype=np.float32) -> pathlib.Path:
+                      dtype=np.float32, overwrite: bool = False) -> pathlib.Path:
   """Writes the branch as one safetensors file in the official key layout (`controlnet.*`); `load_controlnet(path,
-  base=...)` reads it back. Refuses to overwrite an existing file."""
+  base=...)` reads it back. An existing file is refused unless `overwrite` (for a file the caller knows is its
+  own); then the new file is written next to it and renamed over it, so a failed write keeps the old one."""
   from pixart_jax.convert.writers import write_safetensors
 
   path = pathlib.Path(path)
-  if path.exists():
-    raise FileExistsError(f"{path} exists: ControlNet export never overwrites a file")
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"{path} exists: ControlNet export does not overwrite a file without overwrite=True")
   path.parent.mkdir(parents=True, exist_ok=True)
   write_safetensors(path, [(k, np.ascontiguousarray(a.astype(dtype))) for k, a in branch_tensors(branch, cfg)],
                     metadata={"format": "pt", "layout": "pixart-controlnet-half", "blocks": str(branch.num_blocks)})

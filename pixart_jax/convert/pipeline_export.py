@@ -13,6 +13,7 @@ import shutil
 
 from pixart_jax.convert.dit import write_transformer_files
 from pixart_jax.convert.hub import read_json, resolve_local
+from pixart_jax.convert.writers import replace_atomically
 from pixart_jax.outputs import check_disjoint, claim_output
 
 SCHEDULER_CONFIG = {
@@ -37,22 +38,38 @@ def export_pipeline(transformer, base: str | os.PathLike, out_dir: str | os.Path
     raise FileNotFoundError(f"base pipeline {base} lacks {missing}")
   index = read_json(base / "model_index.json", "pipeline index") if (base / "model_index.json").exists() else {}
   out = claim_output(out_dir, tool="convert", overwrite=overwrite)
-  for c in (*_COMPONENTS, "scheduler", "transformer"):  # inside our marked folder: an earlier export's
-    if (out / c).exists():
-      shutil.rmtree(out / c)
-  for c in _COMPONENTS:
-    shutil.copytree(base / c, out / c)
-  if (base / "scheduler").is_dir():
-    shutil.copytree(base / "scheduler", out / "scheduler")
-  else:
-    (out / "scheduler").mkdir()
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
-  write_transformer_files(transformer, out / "transformer", max_shard_bytes=max_shard_bytes)
+  # everything is built in a staging folder inside our marked folder and swapped in at the end, so a failed
+  # export leaves an earlier export whole
+  stage, old = out / ".export-staging", out / ".export-previous"
+  for d in (stage, old):  # leftovers of an interrupted export of ours
+    if d.exists():
+      shutil.rmtree(d)
+  stage.mkdir()
+  try:
+    for c in _COMPONENTS:
+      shutil.copytree(base / c, stage / c)
+    if (base / "scheduler").is_dir():
+      shutil.copytree(base / "scheduler", stage / "scheduler")
+    else:
+      (stage / "scheduler").mkdir()
+      (stage / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
+    write_transformer_files(transformer, stage / "transformer", max_shard_bytes=max_shard_bytes)
+  except BaseException:
+    shutil.rmtree(stage)
+    raise
   index.update({"_class_name": "PixArtSigmaPipeline",
                 "transformer": ["diffusers", "PixArtTransformer2DModel"]})
   index.setdefault("scheduler", ["diffusers", "DPMSolverMultistepScheduler"])
   for c, cls in (("text_encoder", ["transformers", "T5EncoderModel"]), ("tokenizer", ["transformers", "T5Tokenizer"]),
                  ("vae", ["diffusers", "AutoencoderKL"])):
     index.setdefault(c, cls)
-  (out / "model_index.json").write_text(json.dumps(index, indent=2))
+  old.mkdir()
+  for c in (*_COMPONENTS, "scheduler", "transformer"):
+    if (out / c).exists():
+      os.replace(out / c, old / c)
+    os.replace(stage / c, out / c)
+  text = json.dumps(index, indent=2)
+  replace_atomically(out / "model_index.json", lambda f: f.write(text), mode="w")
+  shutil.rmtree(old)
+  stage.rmdir()
   return out

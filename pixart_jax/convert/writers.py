@@ -16,7 +16,7 @@ import numpy as np
 
 from pixart_jax.convert.sources import SAFETENSORS_DTYPES
 
-__all__ = ["write_safetensors", "save_safetensors_sharded"]
+__all__ = ["write_safetensors", "save_safetensors_sharded", "replace_atomically"]
 
 _CODES = {dt: code for code, dt in SAFETENSORS_DTYPES.items()}
 
@@ -61,12 +61,29 @@ def write_safetensors(path, tensors: Iterable[tuple[str, np.ndarray]] | Mapping[
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)
   path = pathlib.Path(path)
-  with open(path, "wb") as f:
+
+  def write(f):
     f.write(len(raw).to_bytes(8, "little"))
     f.write(raw)
     for _, arr in arrays:
       if arr.size:
         f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+
+  return replace_atomically(path, write)
+
+
+def replace_atomically(path, write, *, mode: str = "wb") -> pathlib.Path:
+  """Calls `write(f)` on a temporary file next to `path`, then renames it onto `path` (os.replace): a file that
+  was there stays whole until the new one is complete, and a failed write leaves no partial file behind."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  try:
+    with open(tmp, mode) as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
   return path
 
 
@@ -135,5 +152,6 @@ def save_safetensors_sharded(tensors: Iterable[tuple[str, np.ndarray]] | Mapping
   if n > 1:
     index = {"metadata": {"total_size": total},
              "weight_map": {k: name for keys, name in zip(shard_keys, names) for k in keys}}
-    (out_dir / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    replace_atomically(out_dir / f"{prefix}.safetensors.index.json", lambda f: f.write(text), mode="w")
   return final

@@ -20,10 +20,11 @@ def on_tpu_vm() -> bool:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, cpu_collectives: str = "gloo") -> None:
+               process_id: int | None = None, *, cpu_collectives: str = "gloo", required: bool = False) -> None:
   """jax.distributed.initialize with the explicit trio (GPU clusters, local CPU tests: all three or none;
   CPU processes then use `cpu_collectives`), else automatically on a Cloud TPU VM (the other workers of the
-  slice are found through the TPU metadata; a single host without a cluster just runs alone)."""
+  slice are found through the TPU metadata; a single host without a cluster just runs alone). `required`: the
+  caller asked for a multi-process run, so JAX's cluster detection runs anywhere and its failure is raised."""
   explicit = [coordinator_address, num_processes, process_id]
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
@@ -33,6 +34,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
+  elif required:
+    jax.distributed.initialize()
   elif on_tpu_vm():
     try:
       jax.distributed.initialize()

@@ -120,7 +120,5 @@ class ControlNetTrainable(Trainable):
     base = nnx.merge(self._base_graph, self._base_shapes)
     graph, _ = nnx.split(nnx.eval_shape(lambda: _branch(base, self.blocks, nnx.Rngs(0))), nnx.Param)
     branch = nnx.merge(graph, jax.device_get(params))
-    path = workdir / EXPORT
-    if path.exists():  # a resumed run that finished before: the file is ours, from this workdir
-      path.unlink()
-    return export_controlnet(branch, self.spec.cfg, path)
+    # a file already there is ours (a resumed run that finished before, in this workdir): replaced atomically
+    return export_controlnet(branch, self.spec.cfg, workdir / EXPORT, overwrite=True)
