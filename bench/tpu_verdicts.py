@@ -93,10 +93,10 @@ def jobs() -> list[Job]:
   groups = recipe_groups()
   two_k = next(k for k in groups if k[0] == "sigma-xl2-2k-ms")
   out.append(Job("train sigma-xl2-2k-ms v5p-8", "train", "v5p-8", "fsdp=-1", "sigma-xl2-2k-ms", (2048, 2048),
-                 recipes=tuple(groups[two_k]), settings=two_k, target="2K training fits v5p-8"))
+                 recipes=tuple(groups[two_k]), settings=two_k, cost=True, target="2K training fits v5p-8"))
   out.append(Job("train sigma-xl2-4k v5p-64", "train", "v5p-64", "fsdp=-1", "sigma-xl2-4k", (4096, 4096),
                  recipes=("configs/pixart_sigma_2k_ms.py settings, preset sigma-xl2-4k",), settings=two_k,
-                 target="4K training fits v5p-64"))
+                 cost=True, target="4K training fits v5p-64"))
   order = ["sigma-xl2-1024-ms", "sigma-xl2-2k-ms", "sigma-xl2-512-ms", "sigma-xl2-256", "sigma-xl2-1024-ms-kv",
            "sigma-xl2-2k-ms-kv"]
   for key, names in sorted(groups.items(), key=lambda kv: order.index(kv[0][0]) if kv[0][0] in order else 99):
@@ -106,7 +106,7 @@ def jobs() -> list[Job]:
       res = {"sigma-xl2-256": 256, "sigma-xl2-512-ms": 512}.get(preset, 2048 if "2k" in preset else 1024)
       if not any(j.name == f"train {preset} {sl}" for j in out):
         out.append(Job(f"train {preset} {sl}", "train", sl, "fsdp=-1", preset, (res, res), recipes=tuple(names),
-                       settings=key))
+                       settings=key, cost=True))
   for res, preset in RESOLUTIONS.items():  # 3. the sampling grid on one chip of each kind
     w, h = (int(x) for x in res.split("x"))
     for sl in ("v5e-1", "v6e-1", "v5p-1"):
