@@ -16,7 +16,9 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+import fcntl  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 from train_testlib import run_demo  # noqa: E402
@@ -24,7 +26,7 @@ from train_testlib import run_demo  # noqa: E402
 
 @pytest.fixture(scope="session")
 def trained_demo_dir(tmp_path_factory) -> pathlib.Path:
-  """The full default demo (4,000 steps, ~5 min on 2 cores), trained ONCE per test session and shared read-only
+  """The full default demo (4,000 steps, ~5 min on 2 cores), trained ONCE per test run and shared read-only
   by every test that builds on a trained model (adherence, metrics, ControlNet, distillation).
 
   PIXART_TEST_DEMO_DIR names a finished demo workdir to reuse across sessions instead (for development);
@@ -35,8 +37,24 @@ def trained_demo_dir(tmp_path_factory) -> pathlib.Path:
     work = pathlib.Path(reuse)
     assert (work / "demo_report.json").is_file(), f"PIXART_TEST_DEMO_DIR={reuse}: not a finished demo workdir"
     return work
-  work = tmp_path_factory.mktemp("trained_demo") / "demo"
-  run_demo(work)
+  if not os.environ.get("PYTEST_XDIST_WORKER"):
+    work = tmp_path_factory.mktemp("trained_demo") / "demo"
+    run_demo(work)
+    return work
+  # Under pytest-xdist every worker has its own session: the first to get here trains into a folder shared by
+  # the workers of this run (the parent of their base temps), the others wait on the lock and reuse it.
+  root = tmp_path_factory.getbasetemp().parent
+  work = root / "trained_demo" / "demo"
+  with open(root / "trained_demo.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not (work / "demo_report.json").is_file():
+        if work.exists():  # a worker that died while training left it half-written
+          shutil.rmtree(work)
+        work.parent.mkdir(parents=True, exist_ok=True)
+        run_demo(work)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
   return work
 
 
