@@ -127,7 +127,7 @@ def run_job(job: Job) -> dict:
 
   from pixart_jax.models.attention_backends import AttentionOptions
   from pixart_jax.models.config import from_preset
-  from pixart_jax.parallel import planning
+  from pixart_jax.parallel import planning, sampling_plans
   from pixart_jax.parallel.mesh import make_mesh
   from pixart_jax.plan import _dtype, _parse_mesh
   from pixart_jax.train.optimizers import OptimizerConfig
@@ -151,20 +151,20 @@ def run_job(job: Job) -> dict:
   cfg = from_preset(job.preset)
   work = planning.Workload(cfg, (h // 8, w // 8), 1, attention=AttentionOptions(
       sequence_parallel=job.sequence_parallel))
-  t5, vae = planning.pipeline_models(cfg)
-  tile = planning.pipeline_tile(h, w)
+  t5, vae = sampling_plans.pipeline_models(cfg)
+  tile = sampling_plans.pipeline_tile(h, w)
   # the encode (any resolution) and a tiled decode (any size above 2048 px) are the same program for every job
   # on this slice and mesh: compiled once, kept in STAGES
-  enc = _stage(("encode", job.slice, job.mesh), lambda: planning.plan_encode(work, mesh, t5, cost=job.cost))
-  den = planning.plan_sample(work, mesh, cost=job.cost)
+  enc = _stage(("encode", job.slice, job.mesh), lambda: sampling_plans.plan_encode(work, mesh, t5, cost=job.cost))
+  den = sampling_plans.plan_sample(work, mesh, cost=job.cost)
   dec_key = ("decode", job.slice, job.mesh, f"tile {tile}" if tile else f"{h // 8}x{w // 8}")
-  dec = (_stage(dec_key, lambda: planning.plan_decode(work, mesh, vae, tile, cost=job.cost)) if tile else
-         planning.plan_decode(work, mesh, vae, None, cost=job.cost))
+  dec = (_stage(dec_key, lambda: sampling_plans.plan_decode(work, mesh, vae, tile, cost=job.cost)) if tile else
+         sampling_plans.plan_decode(work, mesh, vae, None, cost=job.cost))
   if tile:  # the tile program's blend buffers and latents depend on the image size: recomputed from the shapes
     dec = dataclasses.replace(dec, resident=_tile_buffers(dec, h // 8, w // 8, vae, tile, mesh))
-  stages = planning.with_resident([enc, den, dec])
+  stages = sampling_plans.with_resident([enc, den, dec])
   return dict(job=dataclasses.asdict(job), plans=[p.as_dict() for p in stages],
-              pipeline=planning.pipeline_summary(stages), seconds=time.perf_counter() - t)
+              pipeline=sampling_plans.pipeline_summary(stages), seconds=time.perf_counter() - t)
 
 
 STAGES: dict[str, dict] = {}  # "encode|slice|mesh" -> a Plan's fields (shared through the cache file)

@@ -25,6 +25,9 @@ The reference is not a setting: rerunning against other statistics rescores the 
 `stats` writes pytorch-fid's `.npz` (mu, sigma; plus num_samples), refusing to replace an existing file unless
 --overwrite. --prepared reads a dataset written by `pixart_jax.prepare` and decodes its latents (the VAE of
 --vae, or the demo's pixel space-to-depth when the dataset was prepared with it).
+
+This file is the command line (parsers, checks of the arguments, main); the output folder, resuming, sampling and
+the report are `metrics/eval_run.py`, the metrics `metrics/evaluation.py`.
 """
 from __future__ import annotations
 
@@ -36,12 +39,7 @@ import os
 import pathlib
 import re
 import sys
-import time
 
-log = logging.getLogger("pixart_jax.evaluate")
-TOOL = "evaluate"
-SETTINGS = "evaluation.json"
-SETTINGS_FORMAT = "pixart_jax.evaluation/1"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -162,75 +160,14 @@ def read_prompts(path: str) -> list[str]:
   return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _atomic_savez(path: pathlib.Path, **arrays) -> None:
-  import numpy as np
-
-  tmp = path.with_name(f".{path.name}.tmp.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
-def _atomic_json(path: pathlib.Path, doc) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(doc, indent=2))
-  os.replace(tmp, path)
-
-
-def _claim(out: pathlib.Path, settings: dict, *, check_only: bool = False) -> pathlib.Path:
-  """`--out` is ours (`claim_output`, resumable); an earlier evaluation must have the same settings (the reference
-  is not one of them: a rerun against other reference statistics rescores the kept batches)."""
-  from pixart_jax.outputs import claim_output
-
-  out = claim_output(out, tool=TOOL, resume=True, write_marker=not check_only)
-  path = out / SETTINGS
-  if path.exists():
-    try:
-      old = json.loads(path.read_text())
-    except ValueError as e:
-      raise ValueError(f"{path} is not an evaluation settings file: {e}") from None
-    old = old.get("settings") if isinstance(old, dict) else None
-    if old != settings:
-      diff = sorted(k for k in set(settings) | set(old or {}) if (old or {}).get(k) != settings.get(k))
-      raise ValueError(f"--out {out} holds an evaluation with other settings (differing: {', '.join(diff)}); "
-                       "rerun with the same settings to resume it, or choose a new --out")
-  elif not check_only:
-    _atomic_json(path, {"format": SETTINGS_FORMAT, "settings": settings})
-  if check_only:
-    return out
-  (out / "images").mkdir(exist_ok=True)
-  (out / "batches").mkdir(exist_ok=True)
-  return out
-
-
-def _reference(args, out: pathlib.Path, metrics):
-  from pixart_jax.metrics.evaluation import image_dir_batches, reference_stats
-  from pixart_jax.metrics.fid_stats import FIDStats
-
-  if args.ref_stats:
-    stats = FIDStats.load(args.ref_stats)
-  else:  # computed once per reference folder, kept in the output folder
-    key = hashlib.sha256(str(pathlib.Path(args.ref_images).absolute()).encode()).hexdigest()[:12]
-    cached = out / f"ref_stats_{key}.npz"
-    if cached.exists():
-      return FIDStats.load(cached)
-    stats = reference_stats(metrics, image_dir_batches(args.ref_images, args.batch_size), progress=True)
-    stats.save(cached)
-  if stats.mu.shape[0] != metrics.feature_dim:
-    raise ValueError(f"--ref-stats {args.ref_stats}: {stats.mu.shape[0]}-d features, the Inception of --inception "
-                     f"gives {metrics.feature_dim}-d ones: compute the statistics with the same weights")
-  return stats
-
-
 def evaluate(args) -> dict:
   """The main command (see the module doc); returns the report."""
   import jax.numpy as jnp
-  import numpy as np
-  from tqdm import tqdm
 
   import pixart_jax as pj
   from pixart_jax import checks
-  from pixart_jax.images import save_png
-  from pixart_jax.metrics.evaluation import ImageMetrics, Measured, MetricsAccumulator
+  from pixart_jax.metrics import eval_run
+  from pixart_jax.metrics.evaluation import ImageMetrics
 
   _need(args, "model", "prompts", "inception", "clip")
   if not (args.ref_stats or args.ref_images):
@@ -265,109 +202,28 @@ def evaluate(args) -> dict:
               "batch_size": bs, "size": args.size, "steps": args.steps, "sampler": args.sampler,
               "guidance": args.guidance, "seed": args.seed, "dtype": args.dtype, "binning": not args.no_binning,
               "inception": _abs(args.inception), "fid_blocks": not args.torchvision_blocks, "clip": _abs(args.clip)}
-  _claim(pathlib.Path(args.out), settings, check_only=True)  # refused before any network loads
+  eval_run.claim(pathlib.Path(args.out), settings, check_only=True)  # refused before any network loads
   metrics = ImageMetrics.from_files(args.inception, args.clip, mesh=mesh, use_fid_inception=not args.torchvision_blocks)
-  out = _claim(pathlib.Path(args.out), settings)
-  ref = _reference(args, out, metrics)
+  out = eval_run.claim(pathlib.Path(args.out), settings)
+  ref = eval_run.reference(out, metrics, ref_stats=args.ref_stats, ref_images=args.ref_images, batch_size=bs)
 
-  acc = MetricsAccumulator(metrics.feature_dim)
-  todo = []
-  for b in range(batches):
-    done = out / "batches" / f"{b:05d}.npz"
-    if done.exists():
-      with np.load(done, allow_pickle=False) as f:
-        acc.add(Measured.from_arrays(f))
-    else:
-      todo.append(b)
-  if acc.num_images:
-    log.info("resuming %s: %d images of %d already evaluated", out, acc.num_images, num)
+  def load_pipeline():
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    return pj.Pipeline.from_pretrained(args.model, transformer=args.transformer, dtype=dtype, mesh=mesh,
+                                       progress=True)
 
-  t0 = time.perf_counter()
-  pipe = None
-  with tqdm(total=num, initial=acc.num_images, unit="img", desc="evaluate") as bar:
-    for b in todo:
-      if pipe is None:
-        dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-        pipe = pj.Pipeline.from_pretrained(args.model, transformer=args.transformer, dtype=dtype, mesh=mesh,
-                                           progress=True)
-      idx = list(range(b * bs, min(num, (b + 1) * bs)))
-      batch = [prompts[i % len(prompts)] for i in idx]
-      bar.set_description(f"batch {b}: sample")
-      images = pipe(batch, height=height, width=width, steps=args.steps, guidance_scale=args.guidance,
-                    sampler=args.sampler, seed=args.seed + b, use_resolution_binning=not args.no_binning)
-      for j, (i, prompt, img) in enumerate(zip(idx, batch, images)):
-        save_png(img, out / "images" / f"{i:05d}.png",
-                 {"prompt": prompt, "seed": args.seed + b, "batch_index": j, "sampler": args.sampler,
-                  "steps": args.steps or "default", "guidance_scale": args.guidance, "software": "pixart_jax"})
-      bar.set_description(f"batch {b}: metrics")
-      m = metrics.measure(images, batch)
-      _atomic_savez(out / "batches" / f"{b:05d}.npz", **m.arrays())  # the batch is done once this exists
-      acc.add(m)
-      bar.update(len(idx))
-
-  sampled = sum(len(range(b * bs, min(num, (b + 1) * bs))) for b in todo)
-  report = {**acc.result(ref), "reference": _abs(args.ref_stats or args.ref_images), "settings": settings,
-            "sampled_this_run": sampled, "seconds_this_run": round(time.perf_counter() - t0, 1)}
-  _atomic_json(out / "report.json", report)
-  if args.sheet:
-    _write_sheet(out, min(args.sheet, num))
-  log.info("FID %.4f, CLIP score %.4f over %d images; report %s", report.get("fid", float("nan")),
-           report.get("clip_score", float("nan")), report["num_images"], out / "report.json")
+  report = eval_run.run(out, metrics, ref, prompts, num=num, batch_size=bs, seed=args.seed,
+                        load_pipeline=load_pipeline, height=height, width=width, steps=args.steps,
+                        guidance=args.guidance, sampler=args.sampler, binning=not args.no_binning,
+                        settings=settings, reference_name=_abs(args.ref_stats or args.ref_images), sheet=args.sheet)
   print(json.dumps({k: v for k, v in report.items() if k != "settings"}))
   return report
 
 
-def _write_sheet(out: pathlib.Path, n: int) -> None:
-  import numpy as np
-  from PIL import Image
-
-  from pixart_jax.images import contact_sheet
-
-  images = [np.asarray(Image.open(out / "images" / f"{i:05d}.png").convert("RGB")) for i in range(n)]
-  if len({im.shape for im in images}) == 1:
-    contact_sheet(np.stack(images), gap=2).save(out / "contact_sheet.png")
-
-
 # ---------------------------------------------------------------------------------------------------------------
-def prepared_batches(data_dir, batch_size: int, vae_src: str | None = None, *, mesh=None):
-  """uint8 batches (B H W 3) of the images a prepared dataset encodes: its latents' means decoded by the VAE of
-  `vae_src` (or by the pixel space-to-depth the demo prepares with); one bucket (image size) per batch."""
-  import einops
-  import grain
-  import jax
-  import numpy as np
-
-  from pixart_jax.data.pipeline import load_index
-  from pixart_jax.data.records import deserialize_record
-  from pixart_jax.images import to_uint8
-
-  index = load_index(data_dir)
-  enc = index.manifest["encoders"]
-  if str(enc.get("id", "")).startswith("pixel-space-to-depth"):
-    p = int(enc["downsample"])
-    decode = lambda z: einops.rearrange(z, "b h w (p q c) -> b (h p) (w q) c", p=p, q=p)  # noqa: E731
-  else:
-    if not vae_src:
-      raise ValueError(f"--prepared {data_dir} holds VAE latents (encoders {enc.get('id')!r}): give --vae, the "
-                       "pipeline dir / Hub id whose vae/ encoded them")
-    from flax import nnx
-
-    from pixart_jax.convert.vae_keys import load_vae
-
-    vae = load_vae(vae_src)
-    graph, state = nnx.split(vae)
-    run = jax.jit(lambda s, z: nnx.merge(graph, s).decode(z).astype(np.float32))
-    decode = lambda z: np.asarray(run(state, z))  # noqa: E731
-  source = grain.sources.ArrayRecordDataSource(list(index.record_paths))
-  for ids in index.members:
-    for start in range(0, len(ids), batch_size):
-      recs = [deserialize_record(source[int(i)]) for i in ids[start:start + batch_size]]
-      z = np.stack([np.asarray(r.mean, np.float32) for r in recs])
-      yield to_uint8(decode(z))
-
-
 def stats(args) -> pathlib.Path:
   from pixart_jax import checks
+  from pixart_jax.metrics.eval_run import prepared_batches
   from pixart_jax.metrics.evaluation import (ImageMetrics, check_source, image_dir_batches, image_dir_files,
                                              reference_stats)
 

@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> list[dict]:
 
   from pixart_jax.models.attention_backends import AttentionOptions
   from pixart_jax.models.config import from_preset
-  from pixart_jax.parallel import planning
+  from pixart_jax.models.attention_backends import resolve
+  from pixart_jax.parallel import planning, sampling_plans
   from pixart_jax.parallel.mesh import make_mesh
   from pixart_jax.train.loop import merged_rules
   from pixart_jax.train.optimizers import OptimizerConfig
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> list[dict]:
 
   method = (f"TPU ahead-of-time compile for topology {args.topology} (libtpu)" if args.topology else
             f"CPU compile of the SPMD program on {mesh.devices.size} fake CPU devices")
-  backend = planning.resolve(attention, work.dtype, mesh.devices.flat[0].platform).backend.value
+  backend = resolve(attention, work.dtype, mesh.devices.flat[0].platform).backend.value
   header = (f"plan: {preset}{' from ' + args.config if args.config else ''} at {w}x{h} px (latent {h // 8}x{w // 8}), "
             f"global batch {batch}, compute {dtype}, params {param_dtype}, remat {work.remat}, attention {backend}"
             f"{' (sequence parallel)' if attention.sequence_parallel else ''}, optimizer {opt.name.value}; {method}")
@@ -283,22 +284,22 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> list[dict]:
     if item == "train":
       emit(planning.plan_train(work, mesh, optimizer=opt, rules=rules, cost=args.cost), "train")
     elif item == "sample":
-      stages = planning.plan_pipeline(work, mesh, tile_latent=tile, rules=rules, cost=args.cost)
+      stages = sampling_plans.plan_pipeline(work, mesh, tile_latent=tile, rules=rules, cost=args.cost)
       for p in stages:
         emit(p, "sample")
-      summary = planning.pipeline_summary(stages)
+      summary = sampling_plans.pipeline_summary(stages)
       summaries.append(summary)
       if not args.json:
-        print(planning.format_pipeline(summary), flush=True)
+        print(sampling_plans.format_pipeline(summary), flush=True)
     else:
-      t5, vae = planning.pipeline_models(cfg)
+      t5, vae = sampling_plans.pipeline_models(cfg)
       if item == "encode":
-        p = planning.plan_encode(work, mesh, t5, rules, cost=args.cost)
+        p = sampling_plans.plan_encode(work, mesh, t5, rules, cost=args.cost)
       elif item == "denoise":
-        p = planning.plan_sample(work, mesh, rules=rules, cost=args.cost)
+        p = sampling_plans.plan_sample(work, mesh, rules=rules, cost=args.cost)
       else:
-        p = planning.plan_decode(work, mesh, vae, planning.pipeline_tile(h, w) if tile == "auto" else tile, rules,
-                                 cost=args.cost)
+        p = sampling_plans.plan_decode(work, mesh, vae, sampling_plans.pipeline_tile(h, w) if tile == "auto" else tile,
+                                       rules, cost=args.cost)
       emit(p, item)
   if args.json:
     print(json.dumps({"header": header, "plans": plans, "pipeline": summaries}, default=str))

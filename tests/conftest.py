@@ -21,7 +21,7 @@ import pathlib  # noqa: E402
 import shutil  # noqa: E402
 
 import pytest  # noqa: E402
-from train_testlib import run_demo  # noqa: E402
+from train_testlib import fast_compiles, run_demo  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +64,16 @@ def trained_demo(trained_demo_dir):
   from pixart_jax.demo import load_trained
 
   return load_trained(trained_demo_dir)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> pathlib.Path:
+  """The session's persistent XLA compilation cache folder (`train_testlib.fast_compiles`, `subprocess_env`)."""
+  return tmp_path_factory.getbasetemp() / "xla_cache"
+
+
+@pytest.fixture(scope="module")
+def compile_cache(cache_dir):
+  """`fast_compiles(cache_dir)` for a whole test module: `pytestmark = pytest.mark.usefixtures("compile_cache")`."""
+  with fast_compiles(cache_dir):
+    yield

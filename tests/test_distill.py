@@ -26,7 +26,9 @@ from pixart_jax.train import loop
 from pixart_jax.train.config_defaults import check_config
 from pixart_jax.train.metrics import read_jsonl
 from dit_reference import rel_err
-from train_testlib import fast_compiles, smoke_config
+from train_testlib import smoke_config
+
+pytestmark = pytest.mark.usefixtures("compile_cache")  # tests/conftest.py: fast compiles, one cache
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,17 +112,6 @@ def test_lcd_arithmetic_matches_the_official_code(loss):
 # ---------------------------------------------------------------------------------------------------------------
 # On the trainer
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.getbasetemp() / "xla_cache"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(cache_dir):
-  with fast_compiles(cache_dir):
-    yield
-
-
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
   """A tiny random teacher (no zero-init layers, so every path carries gradient) as an Orbax dir."""

@@ -14,7 +14,7 @@ from flax import nnx
 from pixart_jax.models import flops
 from pixart_jax.models.config import get_preset
 from pixart_jax.models.dit import PixArtSigma
-from pixart_jax.parallel import planning
+from pixart_jax.parallel import cost_estimate, planning, sampling_layout, sampling_plans
 from pixart_jax.parallel.mesh import make_mesh
 from pixart_jax.plan import main as plan_main
 from pixart_jax.train.optimizers import OptimizerConfig
@@ -186,18 +186,37 @@ def test_plan_sample_is_the_whole_pipeline_with_tiles(monkeypatch):
   assert untiled["what"] == "decode" and untiled["temp"] > dec["temp"]  # one 8x8 tile needs less than 16x16
 
 
+@pytest.mark.parametrize("width, height", [(1024, 1024), (2048, 2048), (3840, 2160), (4096, 4096)])
+def test_planner_decode_tiling_is_the_pipelines(width, height):
+  """The planner's decode tile (`sampling_plans.pipeline_tile`, used by `plan_pipeline` and `plan --what decode`)
+  is the one `Pipeline.layout` picks for the same image: untiled up to 2048 px a side, 128-latent tiles above."""
+  from types import SimpleNamespace
+
+  from pixart_jax.models.vae import VAEConfig
+  from pixart_jax.pipeline import Pipeline
+
+  cfg = get_preset("sigma-xl2-4k")
+  pipe = SimpleNamespace(transformer=SimpleNamespace(cfg=cfg), vae=SimpleNamespace(config=VAEConfig.sdxl()),
+                         mesh=None)
+  layout = Pipeline.layout(pipe, 1, height, width)
+  assert sampling_plans.pipeline_tile(height, width) == layout.vae_tile_latent
+  assert (layout.vae_tile_latent is None) == (max(width, height) <= 2048)
+  if layout.vae_tile_latent:  # plan_decode's overlap is the rule's, as the Pipeline's
+    assert sampling_layout.vae_tiling(height, width, tile_latent=layout.vae_tile_latent)[1] == layout.overlap_latent
+
+
 def test_cost_estimate_is_the_compilers_seconds_times_units():
   """The compiler's estimate: its seconds x the loop's trip count, MFU against the chip's bf16 peak; no seconds
   (the CPU backend) -> no predicted time."""
   from pixart_jax.parallel import chips
 
   raw = dict(flops=2e12, bytes=1e9, seconds=0.01)
-  c = planning.cost_estimate(raw, 20, 4.0e13, "TPU v5 lite", "test")
+  c = cost_estimate.estimate(raw, 20, 4.0e13, "TPU v5 lite", "test")
   assert c["predicted_seconds"] == pytest.approx(0.2) and c["flops"] == pytest.approx(4e13)
   assert c["chip"] == "v5e" and c["mfu"] == pytest.approx(4.0e13 / (0.2 * chips.BY_NAME["v5e"].bf16_flops))
   assert "estimate" in c["label"] and "not a measurement" in c["label"]
-  cpu = planning.cost_estimate(dict(flops=1.0, bytes=1.0, seconds=None), 3, 1.0, "cpu", "test")
+  cpu = cost_estimate.estimate(dict(flops=1.0, bytes=1.0, seconds=None), 3, 1.0, "cpu", "test")
   assert cpu["predicted_seconds"] is None and cpu["mfu"] is None and cpu["flops"] == 3.0
   compiled = jax.jit(lambda a: a @ a).lower(jax.ShapeDtypeStruct((64, 64), jnp.float32)).compile()
-  got = planning._cost(compiled)
+  got = cost_estimate.compiled_cost(compiled)
   assert got["flops"] == pytest.approx(2 * 64**3, rel=0.05) and got["bytes"] > 0

@@ -19,18 +19,10 @@ from pixart_jax.train.checkpoint import Checkpointer
 from pixart_jax.train.loop import NonFiniteLossError, train_and_evaluate
 from pixart_jax.train.metrics import read_jsonl
 
-from train_testlib import cli_args, fast_compiles, run_cli, smoke_config, subprocess_env
+from train_testlib import cli_args, run_cli, smoke_config, subprocess_env
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.getbasetemp() / "xla_cache"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(cache_dir):
-  with fast_compiles(cache_dir):
-    yield
+pytestmark = pytest.mark.usefixtures("compile_cache")  # tests/conftest.py: fast compiles, one cache
 
 
 def _train(workdir, **overrides):

@@ -8,8 +8,9 @@ distance to reference statistics) and CLIP score (torchmetrics' definition), bat
       acc.add(metrics.measure(images, captions))     # Measured: features B D, clip scores B (or None)
     report = acc.result(FIDStats.load("ref.npz"))    # {"fid": ..., "clip_score": ..., "num_images": N}
 
-The same pieces serve `python -m pixart_jax.evaluate` (whose finished batches are kept on disk as `Measured`
-arrays, so a rerun adds them back instead of recomputing) and the in-training evaluation (`train/eval_hook.py`).
+The same pieces serve `python -m pixart_jax.evaluate` (its run, `metrics/eval_run.py`, keeps the finished batches
+on disk as `Measured` arrays, so a rerun adds them back instead of recomputing) and the in-training evaluation
+(`train/eval_hook.py`).
 Both networks run through `metrics.sharded.ShardedApply`: the batch split over the mesh's batch axes.
 """
 from __future__ import annotations
