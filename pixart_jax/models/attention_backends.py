@@ -83,8 +83,9 @@ class AttentionOptions:
   block_sizes: splash tiles (block_q, block_kv, block_kv_compute), multiples of 128, clipped to the sequence;
     a 3-sequence (a JSON round trip gives a list) is accepted.
   blockwise_block_q, blockwise_block_kv: blockwise tiles (query / key tokens per tile, clipped to the sequence;
-    one fp32 tile is block_q * block_kv * 4 bytes per batch row and head). The defaults are the fastest measured
-    on a 2-core Xeon (bench/results/blockwise_attention.md): large tiles keep the CPU matmuls near peak.
+    one fp32 tile is block_q * block_kv * 4 bytes per batch row and head). The defaults (a 16 MiB tile) are the
+    fastest measured on a shared 2-core Xeon (bench/results/blockwise_attention.md): large enough to keep the CPU
+    matmuls near peak, small enough that the tile passes stay in cache under load (8192 x 1024 ran 15-30 % slower).
   interpret: run splash in Pallas interpret mode; None = iff the backend is not a TPU.
   sequence_parallel: under a mesh with a `sequence` axis > 1, self-attention shards tokens by grid rows and
     all-gathers (compressed) K/V explicitly (pixart_jax.parallel.context).
@@ -94,7 +95,7 @@ class AttentionOptions:
   block_sizes: SplashBlockSizes = SplashBlockSizes()
   interpret: bool | None = None
   sequence_parallel: bool = False
-  blockwise_block_q: int = 8192
+  blockwise_block_q: int = 4096
   blockwise_block_kv: int = 1024
 
   def __post_init__(self):

@@ -12,7 +12,8 @@ all accumulators are fp32. Ragged lengths are padded to the tiles internally and
 Loops (lax.fori_loop, never Python) over one (batch row, head, block) at a time, in the callers' B T N K layout
 (no transposed copies of q/k/v): every step multiplies a (block_q K) query tile by a (block_kv K) key tile, so
 the largest temporaries are a few (block_q block_kv) fp32 tiles. One head at a time keeps the tiles large
-(large tiles run the CPU matmul near its peak) within a fixed memory bound.
+(large tiles run the CPU matmul near its peak) within a fixed memory bound; past ~16 MiB per tile the passes
+over it (max, exp, p @ v) spill the cache and run slower (bench/results/blockwise_attention.md).
 """
 from __future__ import annotations
 
@@ -189,7 +190,7 @@ _blockwise_padded.defvjp(_blockwise_padded_fwd, _blockwise_padded_bwd)
 
 
 def blockwise_local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
-                    block_q: int = 8192, block_kv: int = 1024) -> jax.Array:
+                    block_q: int = 4096, block_kv: int = 1024) -> jax.Array:
   """Blockwise attention: online softmax over key/value tiles, one (batch row, head, query tile) at a time, with
   a custom VJP that saves only the output and the log-sum-exp and recomputes the probabilities tile by tile
   (FlashAttention-2). Shapes and semantics as `dot_product_attention` (fp32 logits and softmax statistics).
