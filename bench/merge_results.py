@@ -27,7 +27,7 @@ explains the gap.
 |---|---|
 | KV compression R=2, attention layer, 16K / 64K tokens (issue 7) | 4.3x / 10.1x faster than uncompressed; whole-model FLOPs at 4096^2 -33.3 % |
 | Weight loading, full XL/2 (issue 2) | peak host RAM 1.02x the fp32 weights (`bench/bench_load_dit_xl2.py`) |
-| Blockwise attention (default on CPU / fp32 GPU), 16K / 64K tokens (issue 14) | 0.80-0.85x / 0.90-0.94x of torch SDPA (target 1.0x not met); fwd+bwd temporaries of an XL/2-width layer at 64K: 0.32 GiB (xla: 769 GiB) |
+| Blockwise attention (default on CPU / fp32 GPU), 16K / 64K tokens (issue 14) | core vs torch SDPA: AMD EPYC 0.80-0.85x / 0.90-0.94x, Intel Xeon 0.80-0.84x / 0.84-0.92x (target 1.0x not met: XLA's per-tile GEMMs at 0.79-0.88x of MKL's, unfused max/exp passes); fwd+bwd temporaries of an XL/2-width layer at 64K: 0.32 GiB (xla: 769 GiB) |
 | TPU verdicts, TPU compiler AOT (issue 14) | whole Pipeline at 1024 px fits v5e-1 (13.6 GiB, 85 %); 4K with CFG fits one v5p chip (16.3 GiB) and a v6e-8 host (14.5 GiB/chip, SP); 2K / 4K training at 1 example/chip fit v5p-8 / v5p-64 (4.5 / 12.0 GiB) |
 | T5 encode / VAE encode+decode (issue 3) | see the T5 and VAE sections |
 | Grain loader vs XL/2 consumption (issue 5) | see the data section |
