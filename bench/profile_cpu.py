@@ -64,6 +64,17 @@ def _inputs(batch: int = 1, lat: int = 32):
               target=rng.standard_normal((batch, lat, lat, 8), dtype=np.float32))
 
 
+def _loss_setup(depth: int):
+  """(torch model, inputs (x t y m) as jax arrays, graphdef, params, rest, eps-MSE loss(params, *inputs)) of an
+  XL/2-width DiT of `depth` blocks at 256 px, batch 1, fp32."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  tm, inp, ja, g, params, rest, loss = _loss_setup(depth)
+
+  return tm, inp, ja, g, params, rest, loss
+
+
 def part_matmul(fmt_table, time_fn):
   import jax
   import jax.numpy as jnp
@@ -173,14 +184,7 @@ def part_profile(depth: int, what: str, fmt_table):
   import jax.numpy as jnp
   from flax import nnx
 
-  _, model = _model(depth, jnp.float32)
-  inp = _inputs()
-  ja = tuple(jnp.asarray(inp[k]) for k in ("x", "t", "y", "m"))
-  target = jnp.asarray(inp["target"])
-  g, params, rest = nnx.split(model, nnx.Param, ...)
-
-  def loss(p, *a):
-    return jnp.mean((nnx.merge(g, p, rest)(*a) - target) ** 2)
+  _, _, ja, g, params, rest, loss = _loss_setup(depth)
 
   if what == "fwd":
     compiled = jax.jit(lambda p, *a: nnx.merge(g, p, rest)(*a)).lower(params, *ja).compile()

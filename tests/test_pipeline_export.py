@@ -1,5 +1,6 @@
 """Export round trip: our (modified) transformer -> a complete diffusers directory -> diffusers pipeline output
 equals ours with the same initial latents."""
+import os
 import jax
 import numpy as np
 import pytest
@@ -44,6 +45,12 @@ def test_failed_re_export_keeps_the_earlier_one(tmp_path, monkeypatch):
     raise OSError(28, "No space left on device")
 
   monkeypatch.setattr(pe, "write_transformer_files", fail)
+  with pytest.raises(OSError, match="No space"):
+    export_pipeline(ours.transformer, base, out, overwrite=True)
+  assert snapshot() == before
+  # a swap interrupted after moving the earlier transformer aside: the next export (failing too) puts it back
+  (out / ".export-previous").mkdir()
+  os.replace(out / "transformer", out / ".export-previous" / "transformer")
   with pytest.raises(OSError, match="No space"):
     export_pipeline(ours.transformer, base, out, overwrite=True)
   assert snapshot() == before

@@ -41,9 +41,13 @@ def export_pipeline(transformer, base: str | os.PathLike, out_dir: str | os.Path
   # everything is built in a staging folder inside our marked folder and swapped in at the end, so a failed
   # export leaves an earlier export whole
   stage, old = out / ".export-staging", out / ".export-previous"
-  for d in (stage, old):  # leftovers of an interrupted export of ours
-    if d.exists():
-      shutil.rmtree(d)
+  if old.exists():  # a swap of ours was interrupted: what it had moved aside is the earlier export; put it back
+    for c in old.iterdir():
+      if not (out / c.name).exists():
+        os.replace(c, out / c.name)
+    shutil.rmtree(old)
+  if stage.exists():  # an unfinished build of ours
+    shutil.rmtree(stage)
   stage.mkdir()
   try:
     for c in _COMPONENTS:
