@@ -70,7 +70,14 @@ def _loss_setup(depth: int):
   import jax.numpy as jnp
   from flax import nnx
 
-  tm, inp, ja, g, params, rest, loss = _loss_setup(depth)
+  tm, model = _model(depth, jnp.float32)
+  inp = _inputs()
+  ja = tuple(jnp.asarray(inp[k]) for k in ("x", "t", "y", "m"))
+  target = jnp.asarray(inp["target"])
+  g, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(p, *a):
+    return jnp.mean((nnx.merge(g, p, rest)(*a) - target) ** 2)
 
   return tm, inp, ja, g, params, rest, loss
 
@@ -116,15 +123,7 @@ def part_split(depth: int, fmt_table, time_fn):
   import torch
   from flax import nnx
 
-  tm, model = _model(depth, jnp.float32)
-  inp = _inputs()
-  ja = tuple(jnp.asarray(inp[k]) for k in ("x", "t", "y", "m"))
-  target = jnp.asarray(inp["target"])
-  g, params, rest = nnx.split(model, nnx.Param, ...)
-
-  def loss(p, *a):
-    return jnp.mean((nnx.merge(g, p, rest)(*a) - target) ** 2)
-
+  tm, inp, ja, g, params, rest, loss = _loss_setup(depth)
   tx = optax.adamw(1e-4, eps=1e-10, weight_decay=0.03)
   opt = tx.init(params)
 

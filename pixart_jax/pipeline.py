@@ -8,6 +8,8 @@ What diffusers' PixArtSigmaPipeline does, step by step, and what we do the same 
   * the negative prompt ("" by default) gets its own mask (`guidance_mode="diffusers"`); the official sampler
     gives it the prompt's mask (`guidance_mode="official"`, docs/ARCHITECTURE.md §6.6); guidance_scale <= 1 runs no
     unconditional branch;
+  * both are encoded only up to the caption bucket of the longest one (`trim_captions`, default on; diffusers keeps
+    all 300 pad positions, the official sampler drops them): the same images to float rounding, less work;
   * the request is binned to the closest aspect-ratio bucket of the checkpoint's table, sampled there, decoded,
     then bilinearly resized to cover the request and center-cropped (`use_resolution_binning`);
   * images are (x / 2 + 0.5) clipped to [0, 1], times 255, rounded.
@@ -238,13 +240,15 @@ class Pipeline:
     vae = nnx.merge(self._vae_graph, state)
     return vae.encode_scaled(resize_cover_crop(images, height, width)).astype(jnp.float32)
 
-  def encode(self, prompts: Sequence[str], text_preprocessing: str = "lower") -> tuple[jax.Array, jax.Array]:
-    """Prompts -> (embeds (B, 300, D) f32, mask (B, 300) int32), with diffusers' light preprocessing."""
+  def encode(self, prompts: Sequence[str], text_preprocessing: str = "lower", *, trim_captions: bool = False
+             ) -> tuple[jax.Array, jax.Array]:
+    """Prompts -> (embeds (B, S, D) f32, mask (B, S) int32), with diffusers' light preprocessing. S = 300, or with
+    `trim_captions` the caption bucket of the longest prompt (`text_encoder.caption_bucket`)."""
     if text_preprocessing == "lower":
       prompts = [p.lower().strip() for p in prompts]
     elif text_preprocessing != "none":
       raise ValueError(f"text_preprocessing must be 'lower' or 'none', got {text_preprocessing!r}")
-    return self.text_encoder.encode_prompts(list(prompts), max_length=MAX_LENGTH)
+    return self.text_encoder.encode_prompts(list(prompts), max_length=MAX_LENGTH, trim=trim_captions)
 
   def resolve_size(self, height: int | None, width: int | None, use_resolution_binning: bool
                    ) -> tuple[int, int, int, int]:
@@ -273,7 +277,8 @@ class Pipeline:
                guidance_mode: str = "diffusers", text_preprocessing: str = "lower",
                vae_tile_latent: int | None = None, output: str = "uint8", timings: dict | None = None,
                image=None, strength: float = 1.0, mask=None, paste_back: bool = False,
-               sequence_shards: int | None = None, control_image=None, control_scale: float = 1.0):
+               sequence_shards: int | None = None, control_image=None, control_scale: float = 1.0,
+               trim_captions: bool = True):
     """Generates images; with `image`, image-to-image (`strength`) and inpainting (`mask`).
 
     prompts: one string or B strings; negative_prompt: one string or B strings.
@@ -294,6 +299,11 @@ class Pipeline:
     paste_back: with a mask, paste the kept pixels of `image` over the decoded result (exact kept region).
     control_image: the ControlNet's control image(s) (`control_latents`; needs `controlnet=`), control_scale: the
       weight of the branch's outputs (1 = the official ControlNet; a traced value: changing it does not recompile).
+    trim_captions: encode and attend to the captions (prompts and negative prompts together) only up to the caption
+      bucket of the longest one (16, 32, 64, 128, 256 or 300 tokens, `text_encoder.caption_bucket`) instead of
+      all 300 positions. The dropped positions are padding, masked out of every attention, so the images are the
+      same to float rounding (the official sampler drops them too); T5 and the cross-attention do a fraction of
+      the work. One denoising program per bucket; False: always 300 tokens, diffusers' shapes.
     """
     t_start = time.perf_counter()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -345,9 +355,11 @@ class Pipeline:
     layout = self.layout(b, sh, sw, sequence_shards=1 if control is not None else sequence_shards,
                          vae_tile_latent=vae_tile_latent)
     use_cfg = guidance_scale > 1.0
-    cond_emb, cond_mask = self.encode(prompts, text_preprocessing)
+    # one T5 call for prompts and negative prompts: both halves of the guidance batch share one caption length
+    emb, emb_mask = self.encode(prompts + (negs if use_cfg else []), text_preprocessing, trim_captions=trim_captions)
+    cond_emb, cond_mask = emb[:b], emb_mask[:b]
     if use_cfg:
-      un_emb, un_mask = self.encode(negs, text_preprocessing)
+      un_emb, un_mask = emb[b:], emb_mask[b:]
     edit = {}
     if pixels is not None:
       edit["image_latents"] = self._encode(self._vae_state, jnp.asarray(pixels), height=sh, width=sw)

@@ -71,6 +71,9 @@ flags.DEFINE_string("control", None, "A control image (PNG/JPEG) for the Control
                     "prompt is sampled under it.")
 flags.DEFINE_string("controlnet", None, "ControlNet weights in the official PixArt ControlNet-Half layout: a branch "
                     "file (`controlnet.*` keys, as training exports it) or a whole ControlPixArtHalf checkpoint.")
+flags.DEFINE_boolean("full_captions", False, "Encode and attend to all 300 caption positions (diffusers' shapes, one "
+                     "program for every prompt) instead of the caption bucket of each batch's longest prompt (same "
+                     "images to float rounding, less work; see Pipeline trim_captions).")
 flags.DEFINE_float("control_scale", 1.0, "Weight of the ControlNet branch (1 = the official ControlNet).")
 
 
@@ -252,7 +255,7 @@ def main(argv):
       images = pipe(batch, negative_prompt=FLAGS.negative, height=height, width=width, steps=FLAGS.steps,
                     guidance_scale=FLAGS.guidance, sampler=FLAGS.sampler, seed=seed,
                     guidance_mode=FLAGS.guidance_mode, use_resolution_binning=not FLAGS.no_binning, timings=timings,
-                    **edit, **control)
+                    trim_captions=not FLAGS.full_captions, **edit, **control)
       compiled = pipe.num_traces > first
       bar.set_postfix(compile_and_sample=f"{timings['denoise']:.1f}s" if compiled else None,
                       sample=None if compiled else f"{timings['denoise']:.1f}s", decode=f"{timings['decode']:.1f}s")

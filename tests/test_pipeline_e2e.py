@@ -53,6 +53,27 @@ def test_second_call_does_not_recompile_and_seeds(tiny):
   assert np.abs(pair[0].astype(int) - a[0].astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize("mode", ["diffusers", "official"])
+def test_trimmed_captions_give_the_full_length_images(tiny, mode):
+  """trim_captions (the default) samples at the caption bucket of the longest prompt: same images as all 300
+  positions, to float rounding, in both guidance modes (official: the negative branch reads the null caption's
+  pad rows under the prompts' mask, which trimming keeps)."""
+  _, _, ours = tiny
+  prompts = ["a cat", "an astronaut riding a horse on the moon at night, oil painting"]
+  emb, mask = ours.encode(prompts, trim_captions=True)
+  assert emb.shape[1] == mask.shape[1] == 64 and int(mask.sum(axis=1).max()) > 32  # 38 tokens (tiny tokenizer)
+  kw = dict(height=256, width=256, steps=4, guidance_scale=4.5, guidance_mode=mode, output="float", seed=3)
+  n0 = ours.num_traces
+  trimmed = ours(prompts, **kw)
+  assert ours.num_traces == n0 + 1
+  ours(["a dog", "an astronaut riding a horse on mars at dawn, watercolor painting"], **kw)
+  assert ours.num_traces == n0 + 1  # another caption length in the same bucket: the same program
+  full = ours(prompts, trim_captions=False, **kw)
+  assert ours.num_traces == n0 + 2  # the 300-token program
+  np.testing.assert_allclose(np.asarray(trimmed), np.asarray(full), rtol=0, atol=2e-5)
+  assert np.abs(np.asarray(full)).max() > 0.1
+
+
 def test_bad_requests(tiny):
   _, _, ours = tiny
   with pytest.raises(ValueError, match="aspect"):

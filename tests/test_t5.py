@@ -18,7 +18,7 @@ from transformers import T5EncoderModel
 from pixart_jax.convert.strict import WeightLoadError
 from pixart_jax.convert.t5_keys import abstract_t5, load_t5
 from pixart_jax.models.t5 import T5Config
-from pixart_jax.models.text_encoder import TextEncoder, encode_prompts
+from pixart_jax.models.text_encoder import TextEncoder, caption_bucket, encode_prompts
 from pixart_jax.models.tokenizer import build_t5_tokenizer, load_tokenizer
 from pixart_jax.parallel.sharding import state_shardings
 
@@ -188,6 +188,30 @@ def test_text_encoder_api(pipeline):
   assert enc._jitted._cache_size() == 1  # same batch size: no recompilation
   enc.encode_prompts(PROMPTS[:2])
   assert enc._jitted._cache_size() == 2
+
+
+def test_caption_bucket():
+  assert [caption_bucket(n) for n in (1, 16, 17, 33, 64, 65, 129, 256, 257, 300)] == \
+      [16, 16, 32, 64, 64, 128, 256, 256, 300, 300]
+  assert caption_bucket(20, max_length=24) == 24 and caption_bucket(5, max_length=8) == 8
+  with pytest.raises(ValueError, match="tokens and max_length must be >= 1, got 0"):
+    caption_bucket(0)
+
+
+def test_trimmed_encoding_equals_the_full_one(pipeline):
+  """Pad keys are masked, so every position before the cut (pad positions included, which the official guidance
+  mode reads) is the same at the trimmed length, to float rounding."""
+  enc = TextEncoder.from_pretrained(pipeline["root"])
+  full, full_mask = enc.encode_prompts(PROMPTS)
+  longest = int(full_mask.sum(axis=1).max())
+  trimmed, mask = enc.encode_prompts(PROMPTS, trim=True)
+  n = caption_bucket(longest)
+  assert longest < n < L and trimmed.shape == (len(PROMPTS), n, enc.hidden_size)
+  np.testing.assert_array_equal(mask, full_mask[:, :n])
+  np.testing.assert_allclose(trimmed, full[:, :n], rtol=0, atol=2e-6 * float(jnp.abs(full).max()))
+  short, _ = enc.encode_prompts(PROMPTS[:2], trim=True)  # "" and "a cat": the smallest bucket
+  assert short.shape[1] == 16
+  np.testing.assert_allclose(short, full[:2, :16], rtol=0, atol=2e-6 * float(jnp.abs(full).max()))
 
 
 @pytest.mark.slow  # two backward compiles (~5 s CPU; 15 s wall on the loaded 2-core dev VM)
