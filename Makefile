@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP_TEST := $(VENV)/.installed-test
 STAMP_BASE := $(VENV)/.installed-base
-PYTEST_ARGS ?=
+# two pytest-xdist workers: the CI machine's 2 cores (the trained demo is built once and shared, tests/conftest.py);
+# `make test PYTEST_ARGS=` runs serially
+PYTEST_ARGS ?= -n 2
 
 .PHONY: demo test install install-test bench clean
 
