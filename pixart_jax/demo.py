@@ -53,8 +53,8 @@ class DemoTextEncoder:
     self.hidden_size = text_encoder.hidden_size
     self.scale = FEATURE_GAIN / (0.02 * self.hidden_size**0.5)
 
-  def encode_prompts(self, prompts, max_length: int | None = None):
-    emb, mask = self.inner.encode_prompts(list(prompts), max_length=max_length or self.max_length)
+  def encode_prompts(self, prompts, max_length: int | None = None, *, trim: bool = False):
+    emb, mask = self.inner.encode_prompts(list(prompts), max_length=max_length or self.max_length, trim=trim)
     return emb * self.scale, mask
 
 

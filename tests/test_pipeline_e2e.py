@@ -121,3 +121,35 @@ def test_sharded_sampling_on_mesh(tiny):
   got = sharded(prompts, height=256, width=256, steps=3, guidance_scale=3.0, seed=3, output="float")
   assert len(got.sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4)
+
+
+def test_training_sample_hook_draws_what_the_pipeline_draws(tiny):
+  """The training grid (`train.sample_hook`, prompts and "" encoded once at the caption bucket of the longest
+  prompt) is the Pipeline's text-to-image at the model's size, image for image."""
+  from types import SimpleNamespace
+
+  import jax
+  from flax import nnx
+
+  from pixart_jax.images import contact_sheet, to_uint8
+  from pixart_jax.models.spec import ModelSpec
+  from pixart_jax.parallel.mesh import make_mesh
+  from pixart_jax.parallel.sharding import LOGICAL_RULES
+  from pixart_jax.train.sample_hook import make_sample_fn
+
+  path, _, ours = tiny
+  prompts = ("a cat", "an astronaut riding a horse on the moon at night, oil painting")
+  sample_cfg = SimpleNamespace(pipeline=str(path), prompts=prompts, seed=4, sampler="dpm-solver", num_steps=3,
+                               guidance=4.5)
+  spec = ModelSpec(ours.transformer.cfg)
+  graphdef, _ = spec.split()
+  params = nnx.state(ours.transformer, nnx.Param)
+  mesh = make_mesh([("data", 1)], devices=jax.devices()[:1])
+  sheet = make_sample_fn(sample_cfg, spec, graphdef, mesh, LOGICAL_RULES, caption_len=300)(params, 0)["samples"]
+  side = ours.transformer.cfg.sample_size * 8
+  want = ours(list(prompts), height=side, width=side, steps=3, guidance_scale=4.5, seed=4, output="float",
+              use_resolution_binning=False)
+  want = np.asarray(contact_sheet(to_uint8(want), cols=2))
+  assert sheet.shape == want.shape == (side, 2 * side, 3)
+  assert np.abs(sheet.astype(int) - want.astype(int)).max() <= 1
+  assert sheet.std() > 1

@@ -29,8 +29,9 @@ def make_eval_fn(eval_cfg, spec: ModelSpec, graphdef, mesh, rules, caption_len: 
   """An EvalFn for `config.eval` (see the module doc). `pipeline`: the T5 + VAE source when eval.pipeline is unset
   (the run's sample.pipeline).
 
-  Set up once: the prompts (and "" for guidance) are encoded with the pipeline's T5 and kept on the host, the T5
-  dropped; the VAE, the FID Inception (`eval.inception`), the CLIP scorer (`eval.clip`, optional) and the reference
+  Set up once: the prompts (and "" for guidance) are encoded with the pipeline's T5 up to the caption bucket of the
+  longest one (`text_encoder.caption_bucket`: pad positions are masked, the images do not change) and kept on
+  the host, the T5 dropped; the VAE, the FID Inception (`eval.inception`), the CLIP scorer (`eval.clip`, optional) and the reference
   statistics (`eval.ref_stats`) are loaded. Each call: per batch one jitted program (denoise + decode, the batch
   over the mesh's batch axes), then the metrics (`metrics.evaluation.ImageMetrics`, sharded the same way). Every
   process takes part and gets the same numbers.
@@ -60,9 +61,10 @@ def make_eval_fn(eval_cfg, spec: ModelSpec, graphdef, mesh, rules, caption_len: 
 
   text = TextEncoder.from_pretrained(source, mesh=mesh, rules=rules)
   unique = sorted(set(prompts_all))
-  emb, mask = text.encode_prompts(unique, max_length=caption_len)
+  # one caption length for every batch (one program): the bucket of the longest prompt (`caption_bucket`)
+  emb, mask = text.encode_prompts(unique + [""], max_length=caption_len, trim=True)
   table = {p: (np.asarray(emb[i]), np.asarray(mask[i])) for i, p in enumerate(unique)}
-  null = tuple(np.asarray(a[0]) for a in text.encode_prompts([""], max_length=caption_len))
+  null = (np.asarray(emb[-1]), np.asarray(mask[-1]))
   del text
   vae = load_vae(source, mesh=mesh, rules=rules)
   vae_graph, vae_state = nnx.split(vae)

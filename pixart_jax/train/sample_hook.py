@@ -55,8 +55,10 @@ def make_sample_fn(sample_cfg, spec: ModelSpec, graphdef, mesh, rules, caption_l
   text = TextEncoder.from_pretrained(sample_cfg.pipeline, mesh=mesh, rules=rules)
   # Host values, then replicated over the whole mesh (global arrays: valid inputs on every process).
   replicate = lambda a: jax.device_put(np.asarray(a), NamedSharding(mesh, PartitionSpec()))  # noqa: E731
-  cond = tuple(map(replicate, text.encode_prompts(prompts, max_length=caption_len)))
-  uncond = tuple(map(replicate, text.encode_prompts([""] * len(prompts), max_length=caption_len)))
+  # prompts and "" at one caption length: the bucket of the longest prompt (`caption_bucket`; the pads are masked)
+  emb, mask = text.encode_prompts(prompts + [""] * len(prompts), max_length=caption_len, trim=True)
+  n = len(prompts)
+  cond, uncond = (replicate(emb[:n]), replicate(mask[:n])), (replicate(emb[n:]), replicate(mask[n:]))
   del text
   vae = load_vae(sample_cfg.pipeline, mesh=mesh, rules=rules)
   vae_graph, vae_state = nnx.split(vae)
