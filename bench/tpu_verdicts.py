@@ -16,7 +16,9 @@ Train jobs: one example per chip (global batch = chips; the recipe's global batc
 grad_accum), the recipe's own dtype / remat / attention (auto = splash on TPU) / optimizer / mesh (fsdp over every
 chip). Recipes with the same model and settings share one compiled program. Sample jobs: the Pipeline call for one
 image with CFG (T5-XXL encode, 20 DPM-Solver++ steps, SDXL-VAE decode tiled above 2048 px), bf16 compute, fp32
-DiT weights, bf16 T5 weights (the Pipeline's defaults).
+DiT weights, bf16 T5 weights, at the size the Pipeline samples the request at (resolution binning: 3840x2160 is
+sampled at 5376x3072 by the 4K model), all 300 caption tokens (the longest prompt; shorter ones are trimmed) -
+the Pipeline's defaults.
 """
 from __future__ import annotations
 
@@ -149,6 +151,7 @@ def run_job(job: Job) -> dict:
     p = planning.plan_train(work, mesh, optimizer=optimizer, cost=job.cost)
     return dict(job=dataclasses.asdict(job), plans=[p.as_dict()], seconds=time.perf_counter() - t)
   cfg = from_preset(job.preset)
+  h, w = sampled_size(cfg, h, w)  # what the Pipeline samples for this request (resolution binning, its default)
   work = planning.Workload(cfg, (h // 8, w // 8), 1, attention=AttentionOptions(
       sequence_parallel=job.sequence_parallel))
   t5, vae = sampling_plans.pipeline_models(cfg)
@@ -163,8 +166,17 @@ def run_job(job: Job) -> dict:
   if tile:  # the tile program's blend buffers and latents depend on the image size: recomputed from the shapes
     dec = dataclasses.replace(dec, resident=_tile_buffers(dec, h // 8, w // 8, vae, tile, mesh))
   stages = sampling_plans.with_resident([enc, den, dec])
-  return dict(job=dataclasses.asdict(job), plans=[p.as_dict() for p in stages],
+  return dict(job=dataclasses.asdict(job), plans=[p.as_dict() for p in stages], sampled=[w, h],
               pipeline=sampling_plans.pipeline_summary(stages), seconds=time.perf_counter() - t)
+
+
+def sampled_size(cfg, height: int, width: int) -> tuple[int, int]:
+  """(height, width) px the Pipeline samples a `height` x `width` request at: the closest aspect-ratio bucket of
+  the checkpoint's table (`use_resolution_binning`, the default), e.g. 3840x2160 -> 5376x3072 with the 4K model
+  (every bucket of a table has about the same area)."""
+  from pixart_jax.data import buckets
+
+  return buckets.classify_height_width_bin(height, width, buckets.bin_table_for_sample_size(cfg.sample_size))
 
 
 STAGES: dict[str, dict] = {}  # "encode|slice|mesh" -> a Plan's fields (shared through the cache file)
@@ -270,7 +282,10 @@ def report(results: dict) -> str:
       cells.append(c)
     pipe = r["pipeline"]
     est = f"{pipe['predicted_seconds']:.3g} s" if "predicted_seconds" in pipe else ""
-    lines.append(f"| {job['res'][0]}x{job['res'][1]} | {job['slice']} | {job['mesh']}"
+    image = f"{job['res'][0]}x{job['res'][1]}"
+    sampled = "x".join(map(str, r.get("sampled", job["res"])))
+    image += f" (sampled at {sampled})" if sampled != image else ""
+    lines.append(f"| {image} | {job['slice']} | {job['mesh']}"
                  f"{' (SP)' if job['sequence_parallel'] else ''} | " + " | ".join(cells)
                  + f" | {_gib(pipe['peak'])} | {_verdict(pipe['peak'], chip, bool(pipe['refused']))} | {est} | "
                  f"{r['seconds']:.0f} |")
