@@ -14,6 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Start the backend now, with these 8 devices: code under test that sets XLA_FLAGS before jax starts (the `plan`
+# CLI called in-process) would otherwise fix the device count of a pytest-xdist worker for all its later tests.
+jax.devices()
 
 
 import fcntl  # noqa: E402

@@ -28,8 +28,8 @@ KV = [1, 2]  # an uncompressed and a 2x2-compressed stage
     ({"data": 8}, 16, (64, 64), 1),
     ({"data": 8}, 1, (32, 32), 1),      # 1,024 tokens (512 px): not worth the all-gathers
     ({"data": 8}, 1, (64, 64), 8),      # 1024 px: 4,096 tokens
-    ({"data": 8}, 1, (68, 64), 2),      # 68 rows: 4 or 8 shards would cut 2x2 windows, 2 keep them whole
-    ({"data": 8}, 1, (66, 66), 1),      # no divisor keeps 2x2 windows whole
+    ({"data": 8}, 1, (68, 64), 8),      # 68 rows: padded to 80 (whole 2x2 windows per shard), still 1/8 the work
+    ({"data": 8}, 1, (66, 66), 8),      # likewise (80 rows)
     ({"data": 8}, 4, (256, 256), 2),    # data 4 x sequence 2 (as little communication as the batch allows)
     ({"data": 1}, 1, (256, 256), 1),    # one device
     ({"data": 2, "fsdp": 4}, 1, (256, 256), 2),  # fsdp is never re-cut
@@ -48,15 +48,14 @@ def test_vae_tiling_rule_and_overrides():
   assert sl.choose(mesh, 1, (256, 256), KV, 4096, 4096) == sl.SamplingLayout(8, 128, 32)
   assert sl.choose(mesh, 1, (256, 256), KV, 4096, 4096, sequence=1).sequence == 1
   assert sl.choose(None, 1, (256, 256), KV, 4096, 4096).sequence == 1
-  given = make_mesh([("data", 4), ("sequence", 2)])  # a given sequence axis: used; SP attention iff the grid fits
+  given = make_mesh([("data", 4), ("sequence", 2)])  # a given sequence axis: used, padded where the grid needs it
   assert sl.choose(given, 1, (256, 256), KV, 4096, 4096) == sl.SamplingLayout(2, 128, 32, True)
-  assert sl.choose(given, 1, (66, 66), KV, 528, 528) == sl.SamplingLayout(2, None, 0, False)
+  assert sl.choose(given, 1, (66, 66), KV, 528, 528) == sl.SamplingLayout(2, None, 0, True)
   other = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))  # not make_mesh's axes: used as given
   assert sl.choose(other, 1, (256, 256), KV, 4096, 4096).sequence == 1
   with pytest.raises(ValueError, match="sequence_shards=3 does not fit the mesh"):
     sl.choose(mesh, 1, (256, 256), KV, 4096, 4096, sequence=3)
-  with pytest.raises(ValueError, match="multiple of 8"):
-    sl.choose(mesh, 1, (68, 64), KV, 544, 512, sequence=4)
+  assert sl.choose(mesh, 1, (68, 64), KV, 544, 512, sequence=4) == sl.SamplingLayout(4, None, 0, True)
 
 
 def test_sequence_mesh_recuts_data_only():

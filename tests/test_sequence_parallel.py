@@ -24,7 +24,8 @@ TOL = 1e-5
 # Layer 0 attends to all-gathered full K/V, layer 1 to all-gathered 2x2-compressed K/V.
 CFG = get_preset("tiny", hidden_size=48, num_heads=4, depth=2, kv_compress_layers=(1,))
 SPEC = ModelSpec(CFG, attention=AttentionOptions(sequence_parallel=True))
-LATENTS = {"tall-16x8": (32, 16), "wide-8x24": (16, 48)}  # latent (H, W) -> token grids 16x8 and 8x24
+# latent (H, W) -> token grids 16x8, 8x24 and 15x10 (odd: 150 tokens and 15 rows split into 4 shards only padded)
+LATENTS = {"tall-16x8": (32, 16), "wide-8x24": (16, 48), "odd-15x10": (30, 20)}
 MESHES = {
     "seq4-data2": [("sequence", 4), ("data", 2)],
     "seq8": [("sequence", 8)],
@@ -106,7 +107,7 @@ def _reference(latent_name):
 
 
 @pytest.mark.parametrize("mesh_name,latent_name", [
-    ("seq4-data2", "tall-16x8"), ("seq4-data2", "wide-8x24"),
+    ("seq4-data2", "tall-16x8"), ("seq4-data2", "wide-8x24"), ("seq4-data2", "odd-15x10"),
     pytest.param("seq8", "tall-16x8", marks=pytest.mark.slow),
     pytest.param("seq2-tensor2-data2", "wide-8x24", marks=pytest.mark.slow)])
 def test_dit_forward_and_grads_equal_unsharded(mesh_name, latent_name):
@@ -115,13 +116,15 @@ def test_dit_forward_and_grads_equal_unsharded(mesh_name, latent_name):
   got, g_got, hlo = _run(LATENTS[latent_name], mesh)
   assert rel(got, want) <= TOL
   assert_grads_close(g_got, g_want)
-  # The explicit path ran: two K/V all-gathers per stage, full L tokens (stage 0) and L/4 (stage 1, compressed).
-  hh, ww = LATENTS[latent_name]
-  l_tokens = (hh // 2) * (ww // 2)
+  # The explicit path ran: two K/V all-gathers per stage, full L tokens (stage 0) and L/4 (stage 1, compressed);
+  # an odd grid gathers its padded tokens (L rounded up to the shards) and padded rows of 2x2 windows.
+  h, w = (n // 2 for n in LATENTS[latent_name])
+  s = mesh.shape["sequence"]
+  full, comp = -(-(h * w) // s) * s, context.padded_rows(h, s, 2) // 2 * (w // 2)
   shapes = sorted({g[0] for g in gathers(hlo) if context.GATHER_SCOPE in g[2]})
   b_loc = 2 // mesh.shape["data"]
   d_loc = CFG.hidden_size // mesh.shape["tensor"]
-  assert shapes == sorted({(b_loc, l_tokens, d_loc), (b_loc, l_tokens // 4, d_loc)}), shapes
+  assert shapes == sorted({(b_loc, full, d_loc), (b_loc, comp, d_loc)}), shapes
 
 
 def _attn_hlo(kv_ratio: int, opts: AttentionOptions, mesh, hw=(16, 8)) -> str:
@@ -148,18 +151,36 @@ def test_compressed_kv_all_gather_moves_4x_fewer_bytes():
   assert not any(context.GATHER_SCOPE in g[2] for g in plain)
 
 
-def test_grid_validation():
+@pytest.mark.parametrize("mode", ["conv", "ave", "uniform"])
+@pytest.mark.parametrize("ratio,grid", [(2, (13, 6)), (2, (8, 24)), (3, (7, 5)), (1, (3, 5))])
+def test_any_grid_splits_with_masked_padding(mode, ratio, grid):
+  """Grids whose rows do not split into whole R x R windows per shard (13 or 7 rows; 8 rows over 8 shards at
+  R = 2: one row each) or whose tokens do not divide (15 over 8): padded, masked, cut - the unsharded layer's
+  output, for every KV-compression mode (conv / ave keep floor(h/R) window rows, uniform ceil(h/R))."""
   mesh = make_mesh(MESHES["seq8"])
-  sp = AttentionOptions(sequence_parallel=True)
-  attn = SelfAttention(48, 4, kv_ratio=2, rngs=nnx.Rngs(0), opts=sp, dtype=jnp.float32, param_dtype=jnp.float32)
+  make = lambda opts: SelfAttention(48, 4, kv_ratio=ratio, kv_mode=mode, rngs=nnx.Rngs(0), opts=opts,  # noqa: E731
+                                    dtype=jnp.float32, param_dtype=jnp.float32)
+  graphdef, state = nnx.split(make(AttentionOptions()))
+  sp_graph, _ = nnx.split(make(AttentionOptions(sequence_parallel=True)))
+  if mode == "conv" and ratio > 1:  # a kernel that is not the average, so windows are told apart
+    k = state["compress"]["kernel"]
+    k.set_value(k.get_value() * np.random.default_rng(1).uniform(0.2, 2.0, k.get_value().shape).astype(np.float32))
+  x = np.random.default_rng(ratio).standard_normal((2, grid[0] * grid[1], 48)).astype(np.float32)
+  want = nnx.merge(graphdef, state)(x, grid)
+  with jax.set_mesh(mesh):
+    got = jax.jit(lambda s, x: nnx.merge(sp_graph, s)(x, grid))(state, x)
+  assert rel(got, want) <= TOL
+
+
+def test_padded_rows_and_errors():
+  assert [context.padded_rows(h, 4, 2) for h in (1, 8, 9, 15, 16)] == [8, 8, 16, 16, 16]
+  assert context.padded_rows(135, 8, 2) == 144 and context.padded_rows(135, 4, 1) == 136
+  with pytest.raises(ValueError, match="must be >= 1, got 0, 4, 2"):
+    context.padded_rows(0, 4, 2)
   x = np.zeros((2, 8 * 24, 48), np.float32)
-  with jax.set_mesh(mesh), pytest.raises(ValueError, match="multiple of 16 .*straddle.*grid 8x24"):
-    attn(x, (8, 24))  # 1 row per shard cannot hold 2x2 windows
-  with pytest.raises(ValueError, match="divisible"):
-    context.check_grid((3, 5), 4, 1)
-  context.check_grid((8, 24), 8, 1)  # no compression: any row split of the tokens works
   with pytest.raises(ValueError, match="needs an enclosing mesh"):
-    context.sequence_parallel_self_attention(x, x, x, (8, 24), num_heads=4, opts=sp)
+    context.sequence_parallel_self_attention(x, x, x, (8, 24), num_heads=4,
+                                             opts=AttentionOptions(sequence_parallel=True))
 
 
 def test_sequence_parallel_with_splash():

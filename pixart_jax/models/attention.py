@@ -130,7 +130,9 @@ class SelfAttention(nnx.Module):
                                                       channel_axis=axis))
       o = context.sequence_parallel_self_attention(q, k, v, hw, num_heads=self.num_heads, opts=self.opts,
                                                    ratio=self.kv_ratio, compress=fn,
-                                                   compress_params=() if comp is None else comp.params())
+                                                   compress_params=() if comp is None else comp.params(),
+                                                   compressed_rows=None if comp is None else
+                                                   KVCompress.out_grid(*hw, comp.ratio, comp.mode)[0])
       return self.out(o)
     if self.compress is not None:
       k, v = self.compress(k, hw), self.compress(v, hw)

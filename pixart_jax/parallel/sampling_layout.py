@@ -6,16 +6,15 @@ shards.
 The rule (the `Pipeline` applies it to every call; `plan --what sample` can apply the same functions):
   * sequence parallelism: the batch is split over the mesh's `data` axis as far as it divides; devices of the
     `data` axis that the batch leaves idle (they would only repeat the same work) become `sequence` shards, so
-    one image's tokens are split over them by grid rows (`parallel.context`). Concretely s is the smallest
-    divisor of the `data` size such that B is a multiple of data / s and the token grid splits into s row blocks
-    that keep every R x R KV-compression window whole (`context.check_grid`). Among the divisors s of the
-    `data` size whose row blocks fit the grid, the one with the least work per device wins (B / (data / s) / s
-    images' worth of tokens when B splits over the remaining data / s devices, else B / s: the batch is then
-    replicated over them), the smallest s on ties (fewer all-gathers). s = 1 (no sequence parallelism) when B
-    already uses every `data` device, when the image has fewer than `SP_MIN_TOKENS` tokens (communication would
-    cost more than it saves), or when no divisor fits the grid. A mesh that already has a `sequence` axis
-    larger than 1 is used as given, and so is a mesh whose axes are not `parallel.mesh.MESH_AXES`. `fsdp` and
-    `tensor` are never changed (they hold the parameters).
+    one image's tokens are split over them by grid rows (`parallel.context`; a grid whose rows do not split into
+    s blocks of whole R x R KV-compression windows is padded with masked rows, `context.padded_rows`). Among the
+    divisors s of the `data` size, the one with the least work per device wins (B / (data / s) / s images'
+    worth of tokens when B splits over the remaining data / s devices, else B / s: the batch is then replicated
+    over them; times the padded share of the grid), the smallest s on ties (fewer all-gathers). s = 1 (no
+    sequence parallelism) when B already uses every `data` device or when the image has fewer than
+    `SP_MIN_TOKENS` tokens (communication would cost more than it saves). A mesh that already has a `sequence`
+    axis larger than 1 is used as given, and so is a mesh whose axes are not `parallel.mesh.MESH_AXES`. `fsdp`
+    and `tensor` are never changed (they hold the parameters).
   * VAE tiling: the decode runs in overlapping `VAE_TILE_LATENT` latent tiles (overlap a quarter of a tile) when
     the sampled image is larger than `VAE_TILE_ABOVE_PX` pixels on a side (an untiled SDXL decoder at 4096 x 4096
     holds tens of GiB of activations); below that it is one jitted program.
@@ -40,8 +39,7 @@ VAE_TILE_LATENT = 128  # 1024 px tiles for the SDXL VAE (factor 8)
 class SamplingLayout:
   """sequence: sequence shards per image (1: none). vae_tile_latent: latent tile side of the decode (None:
   untiled); overlap_latent: its overlap. sequence_parallel: self-attention runs sequence parallel
-  (`parallel.context`; False when a given `sequence` axis does not fit the grid: the compiler's partitioner
-  then splits the tokens as it can)."""
+  (`parallel.context`; whenever sequence > 1)."""
   sequence: int = 1
   vae_tile_latent: int | None = None
   overlap_latent: int = 0
@@ -67,22 +65,14 @@ def sequence_shards(mesh_shape: Mapping[str, int], batch: int, grid: tuple[int, 
     return 1
   best, best_work = 1, float(batch)  # s = 1: a batch that does not split over `data` is replicated
   for s in range(2, data + 1):
-    if data % s or not _grid_fits(grid, s, kv_ratios):
+    if data % s:
       continue
     rest = data // s
-    work = (batch / rest if batch % rest == 0 else batch) / s  # images' worth of tokens per device
+    padded = max(context.padded_rows(h, s, r) for r in set(kv_ratios) or {1}) / h
+    work = (batch / rest if batch % rest == 0 else batch) / s * padded  # images' worth of tokens per device
     if work < best_work:
       best, best_work = s, work
   return best
-
-
-def _grid_fits(grid: tuple[int, int], shards: int, kv_ratios: Sequence[int]) -> bool:
-  try:
-    for r in set(kv_ratios) or {1}:
-      context.check_grid(grid, shards, r)
-  except ValueError:
-    return False
-  return True
 
 
 def vae_tiling(height: int, width: int, *, tile_latent: int | None = None) -> tuple[int | None, int]:
@@ -108,11 +98,7 @@ def choose(mesh: Mesh | None, batch: int, grid: tuple[int, int], kv_ratios: Sequ
     if s < 1 or (given == 1 and s > 1 and int(shape.get("data", 1)) % s) or (given > 1 and s not in (1, given)):
       raise ValueError(f"sequence_shards={sequence} does not fit the mesh {shape or '(none)'}: it must be 1, the "
                        "mesh's sequence axis, or a divisor of its data axis")
-    if s > 1:
-      for r in set(kv_ratios) or {1}:
-        context.check_grid(grid, s, r)
-  sp = s > 1 and _grid_fits(grid, s, kv_ratios)
-  return SamplingLayout(sequence=s, vae_tile_latent=tile, overlap_latent=overlap, sequence_parallel=sp)
+  return SamplingLayout(sequence=s, vae_tile_latent=tile, overlap_latent=overlap, sequence_parallel=s > 1)
 
 
 def sequence_mesh(mesh: Mesh, shards: int) -> Mesh:
