@@ -62,6 +62,7 @@ class Job:
   recipes: tuple[str, ...] = ()
   settings: tuple = ()  # train: the recipe settings as sorted items
   sequence_parallel: bool = False
+  offload: bool = False  # sample: the Pipeline's offload_text_encoder (T5 on the device only while encoding)
   cost: bool = False
   target: str = ""
 
@@ -121,6 +122,9 @@ def jobs() -> list[Job]:
       name = f"sample {res} {sl} sp{n}"
       if not any(j.name == name for j in out):
         out.append(Job(name, "sample", sl, f"sequence={n}", "sigma-xl2-4k", (w, h), sequence_parallel=True))
+  for res in ("3840x2160", "4096x4096"):  # 5. 4K on one 16 GiB v5e chip (Colab): T5 offloaded
+    w, h = (int(x) for x in res.split("x"))
+    out.append(Job(f"sample {res} v5e-1 offload", "sample", "v5e-1", "data=1", "sigma-xl2-4k", (w, h), offload=True))
   return out
 
 
@@ -155,7 +159,7 @@ def run_job(job: Job) -> dict:
   work = planning.Workload(cfg, (h // 8, w // 8), 1, attention=AttentionOptions(
       sequence_parallel=job.sequence_parallel))
   t5, vae = sampling_plans.pipeline_models(cfg)
-  tile = sampling_plans.pipeline_tile(h, w)
+  tile = sampling_plans.pipeline_tile(h, w, mesh.devices.flat)
   # the encode (any resolution) and a tiled decode (any size above 2048 px) are the same program for every job
   # on this slice and mesh: compiled once, kept in STAGES
   enc = _stage(("encode", job.slice, job.mesh), lambda: sampling_plans.plan_encode(work, mesh, t5, cost=job.cost))
@@ -164,8 +168,8 @@ def run_job(job: Job) -> dict:
   dec = (_stage(dec_key, lambda: sampling_plans.plan_decode(work, mesh, vae, tile, cost=job.cost)) if tile else
          sampling_plans.plan_decode(work, mesh, vae, None, cost=job.cost))
   if tile:  # the tile program's blend buffers and latents depend on the image size: recomputed from the shapes
-    dec = dataclasses.replace(dec, resident=_tile_buffers(dec, h // 8, w // 8, vae, tile, mesh))
-  stages = sampling_plans.with_resident([enc, den, dec])
+    dec = _tiled_decode_at(dec, h // 8, w // 8, vae, tile, mesh)
+  stages = sampling_plans.with_resident([enc, den, dec], offload_text_encoder=job.offload)
   return dict(job=dataclasses.asdict(job), plans=[p.as_dict() for p in stages], sampled=[w, h],
               pipeline=sampling_plans.pipeline_summary(stages), seconds=time.perf_counter() - t)
 
@@ -192,23 +196,26 @@ def _stage(key: tuple, make):
   return planning.Plan(**{k: v for k, v in STAGES[name].items() if k in fields})
 
 
-def _tile_buffers(dec, h: int, w: int, vae, tile: int, mesh) -> int:
-  """resident bytes of the tiled decode at latent (h, w): the pruned encoder half (the program's own resident at
-  its size minus its buffers there cancel out: recomputed), the full latents and the float32 blend buffers."""
-  from pixart_jax.models import vae_tiling
-  from pixart_jax.parallel import planning
-
-  del tile
-  pruned = max(0, dec.params + dec.inputs - dec.argument)
-  f = vae.downsample_factor
+def _tiled_decode_at(dec, h: int, w: int, vae, tile: int, mesh):
+  """The shared tiled-decode stage `dec` (one tile program, compiled once) for an image of latent (h, w): its tile
+  count, and its resident bytes - the pruned encoder half (the program's own resident at its size minus its
+  buffers there cancel out: recomputed), the full latents and the float32 blend buffers."""
   import jax
   import jax.numpy as jnp
+
+  from pixart_jax.models import vae_tiling
+  from pixart_jax.parallel import planning, sampling_layout
   from pixart_jax.parallel import sharding as sharding_lib
+
+  f = vae.downsample_factor
+  overlap = sampling_layout.vae_tiling(h * f, w * f, tile_latent=tile)[1]
+  tiles = len(vae_tiling.tile_starts(h, tile, overlap)) * len(vae_tiling.tile_starts(w, tile, overlap))
+  pruned = max(0, dec.params + dec.inputs - dec.argument)
   full = [(1, h, w, vae.latent_channels), (1, h * f, w * f, vae.out_channels)]
-  del vae_tiling
-  return pruned + sum(planning.per_device_bytes(jax.ShapeDtypeStruct(
+  resident = pruned + sum(planning.per_device_bytes(jax.ShapeDtypeStruct(
       shp, jnp.float32, sharding=sharding_lib.batch_sharding(mesh, sharding_lib.LOGICAL_RULES, shp)))
       for shp in full) + h * f * w * f * 4
+  return dataclasses.replace(dec, resident=resident, what=f"decode ({tiles} tiles of {tile})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,7 +293,7 @@ def report(results: dict) -> str:
     sampled = "x".join(map(str, r.get("sampled", job["res"])))
     image += f" (sampled at {sampled})" if sampled != image else ""
     lines.append(f"| {image} | {job['slice']} | {job['mesh']}"
-                 f"{' (SP)' if job['sequence_parallel'] else ''} | " + " | ".join(cells)
+                 f"{' (SP)' if job['sequence_parallel'] else ''}{', T5 offloaded' if job.get('offload') else ''} | " + " | ".join(cells)
                  + f" | {_gib(pipe['peak'])} | {_verdict(pipe['peak'], chip, bool(pipe['refused']))} | {est} | "
                  f"{r['seconds']:.0f} |")
   lines += ["", "## Training: every shipped recipe, one example per chip", "",

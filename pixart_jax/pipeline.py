@@ -158,8 +158,8 @@ class Pipeline:
                       vae_dtype=jnp.float32,
                       transformer: str | os.PathLike | None = None, transformer_config=None,
                       attention: AttentionOptions | str | None = None, mesh: jax.sharding.Mesh | None = None,
-                      rules=LOGICAL_RULES, progress: bool = False, controlnet: str | os.PathLike | None = None
-                      ) -> "Pipeline":
+                      rules=LOGICAL_RULES, progress: bool = False, controlnet: str | os.PathLike | None = None,
+                      offload_text_encoder: bool = False) -> "Pipeline":
     """src: a diffusers PixArt-Sigma pipeline directory or Hub id (transformer/, text_encoder/, tokenizer/, vae/).
 
     transformer: another source for the DiT (a .pth, an Orbax dir from `convert`, a transformer/ dir, a Hub id),
@@ -170,15 +170,18 @@ class Pipeline:
       i.e. splash on TPU, cuDNN on GPU for bf16/fp16, blockwise otherwise).
     controlnet: official-layout ControlNet weights (`convert.controlnet_keys`): a branch file (`controlnet.*` keys,
       as training exports it) attached to the DiT, or a whole ControlPixArtHalf checkpoint (its base replaces the DiT).
+    offload_text_encoder: keep T5's weights in host memory, brought to the device for each encode only
+      (`TextEncoder` offload; single device, mesh=None): 4K sampling then fits one 16 GiB v5e chip.
     """
     from pixart_jax.convert.dit import load_transformer
     from pixart_jax.convert.hub import resolve_local
     from pixart_jax.convert.vae_keys import load_vae
 
     local = resolve_local(src, allow_patterns=None)
+    text = TextEncoder.from_pretrained(local, dtype=text_dtype or dtype, mesh=mesh, rules=rules, progress=progress,
+                                       offload=offload_text_encoder)  # first: a bad offload request fails fast
     dit = load_transformer(transformer or local, config=transformer_config, dtype=dtype, param_dtype=param_dtype,
                            attention=attention, mesh=mesh, rules=rules, progress=progress)
-    text = TextEncoder.from_pretrained(local, dtype=text_dtype or dtype, mesh=mesh, rules=rules, progress=progress)
     vae = load_vae(local, dtype=vae_dtype)
     branch = None
     if controlnet is not None:
@@ -205,9 +208,11 @@ class Pipeline:
     cfg = self.transformer.cfg
     unit = self.vae.config.downsample_factor * cfg.patch_size
     ratios = [cfg.kv_ratio(i) for i in range(cfg.depth)]
+    devices = self.mesh.devices.flat if self.mesh is not None else jax.devices()[:1]
     return sampling_layout.choose(self.mesh, batch, (sample_height // unit, sample_width // unit), ratios,
                                   sample_height, sample_width, sequence=sequence_shards,
-                                  vae_tile_latent=vae_tile_latent)
+                                  vae_tile_latent=vae_tile_latent,
+                                  device_bytes=sampling_layout.device_memory(list(devices)))
 
   def _placement(self, shards: int) -> tuple[jax.sharding.Mesh | None, object]:
     """(mesh, DiT state) for `shards` sequence shards: the Pipeline's own, or its mesh re-cut with the DiT state

@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--grad-accum", type=int, default=None, help="micro-batches per update (default 1)")
   ap.add_argument("--steps", type=int, default=20, help="sampler steps (DPM-Solver++; memory does not depend on it)")
   ap.add_argument("--no-guidance", action="store_true", help="sample without classifier-free guidance")
+  ap.add_argument("--offload-text-encoder", action="store_true", help="--what sample: T5's weights on the device "
+                  "only while encoding (Pipeline offload_text_encoder=True)")
   ap.add_argument("--vae-tile", default="auto", help="latent tile of the VAE decode: auto (as the Pipeline: 128 "
                   "above 2048 px), none, or a size")
   ap.add_argument("--cost", action="store_true", help="add the compiler's cost estimate (FLOPs, bytes, TPU "
@@ -284,7 +286,8 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> list[dict]:
     if item == "train":
       emit(planning.plan_train(work, mesh, optimizer=opt, rules=rules, cost=args.cost), "train")
     elif item == "sample":
-      stages = sampling_plans.plan_pipeline(work, mesh, tile_latent=tile, rules=rules, cost=args.cost)
+      stages = sampling_plans.plan_pipeline(work, mesh, tile_latent=tile, rules=rules, cost=args.cost,
+                                            offload_text_encoder=args.offload_text_encoder)
       for p in stages:
         emit(p, "sample")
       summary = sampling_plans.pipeline_summary(stages)
@@ -298,7 +301,7 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> list[dict]:
       elif item == "denoise":
         p = sampling_plans.plan_sample(work, mesh, rules=rules, cost=args.cost)
       else:
-        p = sampling_plans.plan_decode(work, mesh, vae, sampling_plans.pipeline_tile(h, w) if tile == "auto" else tile,
+        p = sampling_plans.plan_decode(work, mesh, vae, sampling_plans.pipeline_tile(h, w, mesh.devices.flat) if tile == "auto" else tile,
                                        rules, cost=args.cost)
       emit(p, item)
   if args.json:

@@ -153,3 +153,15 @@ def test_training_sample_hook_draws_what_the_pipeline_draws(tiny):
   assert sheet.shape == want.shape == (side, 2 * side, 3)
   assert np.abs(sheet.astype(int) - want.astype(int)).max() <= 1
   assert sheet.std() > 1
+
+
+def test_offloaded_text_encoder_gives_the_same_images(tiny):
+  """offload_text_encoder=True: T5's weights stay on the host between calls; the images do not change."""
+  import jax
+  from flax import nnx
+
+  path, _, ours = tiny
+  off = pj.Pipeline.from_pretrained(path, dtype=np.float32, offload_text_encoder=True)
+  kw = dict(height=256, width=256, steps=3, guidance_scale=4.5, seed=2, output="float")
+  np.testing.assert_allclose(np.asarray(off(["a cat"], **kw)), np.asarray(ours(["a cat"], **kw)), rtol=0, atol=1e-5)
+  assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(nnx.state(off.text_encoder.encoder)))

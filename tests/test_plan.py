@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -184,6 +185,12 @@ def test_plan_sample_is_the_whole_pipeline_with_tiles(monkeypatch):
   untiled = plan_main(["--preset", "tiny", "--mesh", "data=8", "--res", "128x128", "--what", "decode", "--dtype",
                        "float32", "--json"])[0]
   assert untiled["what"] == "decode" and untiled["temp"] > dec["temp"]  # one 8x8 tile needs less than 16x16
+  # --offload-text-encoder: T5's weights are on the device while encoding only
+  off = plan_main(["--preset", "tiny", "--mesh", "data=8", "--res", "128x128", "--what", "sample", "--dtype",
+                   "float32", "--vae-tile", "8", "--offload-text-encoder", "--json"])
+  assert off[0]["resident"] == enc["resident"] and enc["params"] > 0
+  for got, want in zip(off[1:], (den, dec)):
+    assert got["resident"] == want["resident"] - enc["params"]
 
 
 @pytest.mark.parametrize("width, height", [(1024, 1024), (2048, 2048), (3840, 2160), (4096, 4096)])
@@ -203,6 +210,23 @@ def test_planner_decode_tiling_is_the_pipelines(width, height):
   assert (layout.vae_tile_latent is None) == (max(width, height) <= 2048)
   if layout.vae_tile_latent:  # plan_decode's overlap is the rule's, as the Pipeline's
     assert sampling_layout.vae_tiling(height, width, tile_latent=layout.vae_tile_latent)[1] == layout.overlap_latent
+  # on a 16 GiB v5e (the Colab chip) the Pipeline and the planner also tile 2048 px (untiled: 19.6 GiB)
+  v5e = [SimpleNamespace(device_kind="TPU v5 lite")] * 4
+  pipe.mesh = SimpleNamespace(devices=np.asarray(v5e, dtype=object), shape={"data": 4}, axis_names=("data",))
+  small = Pipeline.layout(pipe, 4, height, width)
+  assert sampling_plans.pipeline_tile(height, width, v5e) == small.vae_tile_latent
+  assert (small.vae_tile_latent is None) == (max(width, height) <= 1024)
+
+
+def test_device_memory_by_chip():
+  from types import SimpleNamespace as D
+
+  assert sampling_layout.device_memory([D(device_kind="TPU v5 lite"), D(device_kind="TPU v5")]) == 16 * 2**30
+  assert sampling_layout.device_memory([D(device_kind="TPU v6 lite")]) == 32 * 2**30
+  assert sampling_layout.device_memory([D(device_kind="cpu")]) is None and sampling_layout.device_memory([]) is None
+  assert sampling_layout.vae_tiling(2048, 1536, device_bytes=16 * 2**30) == (128, 32)
+  assert sampling_layout.vae_tiling(2048, 1536, device_bytes=32 * 2**30) == (None, 0)
+  assert sampling_layout.vae_tiling(1024, 1024, device_bytes=16 * 2**30) == (None, 0)
 
 
 def test_cost_estimate_is_the_compilers_seconds_times_units():

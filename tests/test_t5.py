@@ -190,6 +190,23 @@ def test_text_encoder_api(pipeline):
   assert enc._jitted._cache_size() == 2
 
 
+def test_offloaded_encoder_keeps_weights_on_the_host(pipeline):
+  """offload=True: the weights stay host numpy arrays (brought to the device per call), same embeddings; a sharded
+  encoder or a multi-device mesh is refused with one line."""
+  enc = TextEncoder.from_pretrained(pipeline["root"], offload=True)
+  leaves = jax.tree.leaves(nnx.state(enc.encoder))
+  assert leaves and all(isinstance(a, np.ndarray) for a in leaves)
+  embeds, _ = enc.encode_prompts(PROMPTS)
+  assert rel_err(embeds, pipeline["ref"]) <= 1e-5
+  assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(nnx.state(enc.encoder)))  # still on the host
+  mesh = Mesh(np.asarray(jax.devices()[:2]), ("fsdp",))
+  with pytest.raises(ValueError, match="the mesh has 2 devices: use one device"):
+    TextEncoder.from_pretrained(pipeline["root"], offload=True, mesh=mesh)
+  sharded = load_t5(pipeline["root"], mesh=mesh)
+  with pytest.raises(ValueError, match="sharded over several devices"):
+    TextEncoder(enc.tokenizer, sharded, offload=True)
+
+
 def test_caption_bucket():
   assert [caption_bucket(n) for n in (1, 16, 17, 33, 64, 65, 129, 256, 257, 300)] == \
       [16, 16, 32, 64, 64, 128, 256, 256, 300, 300]

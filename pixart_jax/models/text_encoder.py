@@ -13,6 +13,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from pixart_jax.models.t5 import T5Encoder
 from pixart_jax.models.tokenizer import T5PromptTokenizer, load_tokenizer
@@ -36,28 +37,44 @@ def caption_bucket(tokens: int, max_length: int = MAX_LENGTH) -> int:
 
 
 class TextEncoder:
-  """A T5 tokenizer bundled with a `T5Encoder` (weights stay where they were placed)."""
+  """A T5 tokenizer bundled with a `T5Encoder` (weights stay where they were placed).
 
-  def __init__(self, tokenizer: T5PromptTokenizer, encoder: T5Encoder):
+  offload: keep the weights in host memory (numpy) instead: each encode brings them to the device as call
+  arguments and frees them after, so T5-XXL's ~9 GiB (bf16) is not resident while the DiT samples - what lets 4K
+  sampling fit one 16 GiB v5e chip (bench/results/tpu_verdicts.md), at the cost of one host-to-device copy of the
+  weights per encode. Single-device encoders only (sharded weights stay where they are).
+  """
+
+  def __init__(self, tokenizer: T5PromptTokenizer, encoder: T5Encoder, *, offload: bool = False):
     vocab = encoder.config.vocab_size
     if tokenizer.vocab_size > vocab:
       raise ValueError(f"tokenizer emits {tokenizer.vocab_size} ids but the encoder embeds only "
                        f"{vocab} (config vocab_size)")
     self.tokenizer = tokenizer
     self.encoder = encoder
+    self.offload = offload
+    if offload:
+      state = nnx.state(encoder)
+      if any(isinstance(a, jax.Array) and len(a.sharding.device_set) > 1 for a in jax.tree.leaves(state)):
+        raise ValueError("offload=True keeps a single-device T5 in host memory; this encoder is sharded over "
+                         "several devices (load it without a mesh, or keep offload off)")
+      nnx.update(encoder, jax.device_get(state))
     # NNX modules are pytrees: one compile per input shape (i.e. per batch size), cached per instance.
     self._jitted = jax.jit(lambda model, ids, mask: model(ids, mask))
 
   @classmethod
   def from_pretrained(cls, src: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
                       mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None,
-                      progress: bool = False) -> "TextEncoder":
-    """src: a pipeline dir / Hub id with `text_encoder/` and `tokenizer/` (see `load_t5`)."""
+                      progress: bool = False, offload: bool = False) -> "TextEncoder":
+    """src: a pipeline dir / Hub id with `text_encoder/` and `tokenizer/` (see `load_t5`); offload: see the class."""
     from pixart_jax.convert.t5_keys import load_t5  # convert depends on models, not vice versa
+    if offload and mesh is not None and mesh.size > 1:
+      raise ValueError(f"offload=True keeps a single-device T5 in host memory, but the mesh has {mesh.size} "
+                       "devices: use one device (mesh=None; sample: --mesh data=1) or keep offload off")
     tokenizer = load_tokenizer(src)
     encoder = load_t5(src, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules,
                       progress=progress)
-    return cls(tokenizer, encoder)
+    return cls(tokenizer, encoder, offload=offload)
 
   @property
   def hidden_size(self) -> int:

@@ -79,10 +79,11 @@ def plan_sample(work: Workload, mesh: Mesh, sampler: str = "dpm-solver",
               error=error, cost=estimate, total_params=count_params(nnx.state(model, nnx.Param)))
 
 
-def pipeline_tile(height_px: int, width_px: int) -> int | None:
-  """The latent tile size the Pipeline decodes a `height_px` x `width_px` image with (None: untiled): the
-  Pipeline's own rule, `sampling_layout.vae_tiling`."""
-  return sampling_layout.vae_tiling(height_px, width_px)[0]
+def pipeline_tile(height_px: int, width_px: int, devices=()) -> int | None:
+  """The latent tile size the Pipeline decodes a `height_px` x `width_px` image with on `devices` (None: untiled):
+  the Pipeline's own rule, `sampling_layout.vae_tiling` (with the small-chip rule when the devices are chips of
+  less memory, `sampling_layout.device_memory`)."""
+  return sampling_layout.vae_tiling(height_px, width_px, device_bytes=sampling_layout.device_memory(list(devices)))[0]
 
 
 def pipeline_models(cfg: DiTConfig):
@@ -184,29 +185,31 @@ def plan_decode(work: Workload, mesh: Mesh, vae_config, tile_latent: int | None 
 
 
 def plan_pipeline(work: Workload, mesh: Mesh, *, t5_config=None, vae_config=None,
-                  tile_latent: int | None | str = "auto",
+                  tile_latent: int | None | str = "auto", offload_text_encoder: bool = False,
                   sampler: str = "dpm-solver", rules=sharding_lib.LOGICAL_RULES, cost: bool = False) -> list[Plan]:
   """The whole `Pipeline` call at `work.latent_hw` for `work.global_batch` prompts: [encode, denoise, decode].
 
-  Each stage's peak includes the other two models' parameters (the Pipeline keeps all three on the device);
-  the pipeline's peak is the largest stage peak. t5_config / vae_config: default `pipeline_models(work.cfg)`.
-  tile_latent: "auto" = as the Pipeline (`pipeline_tile`), None = untiled, or a latent tile size."""
+  Each stage's peak includes the other models' parameters (the Pipeline keeps all three on the device; T5 only
+  while encoding with `offload_text_encoder`); the pipeline's peak is the largest stage peak. t5_config /
+  vae_config: default `pipeline_models(work.cfg)`. tile_latent: "auto" = as the Pipeline on the mesh's devices
+  (`pipeline_tile`), None = untiled, or a latent tile size."""
   t5_default, vae_default = pipeline_models(work.cfg)
   t5_config, vae_config = t5_config or t5_default, vae_config or vae_default
   h, w = work.latent_hw
   f = vae_config.downsample_factor
-  tile = pipeline_tile(h * f, w * f) if tile_latent == "auto" else tile_latent
+  tile = pipeline_tile(h * f, w * f, mesh.devices.flat) if tile_latent == "auto" else tile_latent
   enc = plan_encode(work, mesh, t5_config, rules, cost=cost)
   den = plan_sample(work, mesh, sampler, rules, cost=cost)
   dec = plan_decode(work, mesh, vae_config, tile, rules, cost=cost)
-  return with_resident([enc, den, dec])
+  return with_resident([enc, den, dec], offload_text_encoder=offload_text_encoder)
 
 
-def with_resident(stages: list[Plan]) -> list[Plan]:
-  """The Pipeline's stages with each one's `resident` raised by the other stages' parameters (all three models
-  stay on the device)."""
-  total = sum(p.params for p in stages)
-  return [dataclasses.replace(p, resident=p.resident + total - p.params) for p in stages]
+def with_resident(stages: list[Plan], *, offload_text_encoder: bool = False) -> list[Plan]:
+  """The Pipeline's [encode, denoise, decode] with each one's `resident` raised by the other stages' parameters
+  (all three models stay on the device; with `offload_text_encoder` T5's are on it only while encoding)."""
+  held = [p.params * (not (offload_text_encoder and p.what == "encode")) for p in stages]
+  total = sum(held)
+  return [dataclasses.replace(p, resident=p.resident + total - h) for p, h in zip(stages, held)]
 
 
 def pipeline_summary(stages: list[Plan]) -> dict[str, Any]:
