@@ -382,9 +382,11 @@ def summary(results: dict) -> str:
       "",
       f"The TPU compiler's own memory verdicts (libtpu {_libtpu_version()} via `jax.experimental.topologies`, "
       "compiled ahead of time on this CPU-only machine, no TPU) for the whole sampling Pipeline (T5-XXL encode, "
-      "20-step CFG denoise with splash attention, SDXL-VAE decode tiled above 2048 px) and every recipe's train "
-      f"step. {done} of {len(jobs())} planned jobs compiled so far (a loaded 2-core machine: 5-20 min per job); "
-      "the full table, the method and the list of jobs still to run: "
+      "20-step CFG denoise with splash attention, SDXL-VAE decode tiled above 2048 px, above 1024 px on a 16 GiB "
+      "v5e) and every recipe's train step. "
+      + (f"All {done} planned jobs compiled" if done >= len(jobs()) else
+         f"{done} of {len(jobs())} planned jobs compiled so far (the others: rerun the script)")
+      + " (a 2-core machine: 0.5-20 min per job); the full table and the method: "
       "[bench/results/tpu_verdicts.md](results/tpu_verdicts.md).",
       "",
       *targets_table(by_name),
