@@ -113,10 +113,10 @@ class Pipeline:
 
   On a mesh, each call picks its layout from the mesh and the request (`parallel.sampling_layout`): the prompts
   are split over the `data` axis as far as they divide, and the `data` devices the batch leaves idle become
-  sequence-parallel shards of each image (token grid rows; >= 4096 tokens, i.e. 1024 px, and a grid that keeps
-  KV-compression windows whole) instead of repeating the same work. A mesh with its own `sequence` axis is used
-  as given; `fsdp`/`tensor` never change. Samples larger than 2048 px on a side are decoded in overlapping
-  128-latent (1024 px) VAE tiles. `__call__(sequence_shards=..., vae_tile_latent=...)` overrides either choice.
+  sequence-parallel shards of each image (token grid rows, padded to whole KV-compression windows; >= 4096
+  tokens, i.e. 1024 px) instead of repeating the same work. A mesh with its own `sequence` axis is used as given;
+  `fsdp`/`tensor` never change. Samples larger than 2048 px on a side (1024 px on a chip under 24 GiB, e.g. a
+  16 GiB v5e) are decoded in overlapping 128-latent (1024 px) VAE tiles. `__call__(sequence_shards=..., vae_tile_latent=...)` overrides either choice.
   """
 
   def __init__(self, text_encoder: TextEncoder, transformer: PixArtSigma, vae: AutoencoderKL, *,
@@ -288,7 +288,8 @@ class Pipeline:
 
     prompts: one string or B strings; negative_prompt: one string or B strings.
     latents: explicit initial noise (B, h, w, C) NHWC at the SAMPLE (binned) latent size; else from `seed`.
-    vae_tile_latent: decode in overlapping tiles of this latent size (auto: tiles of 128 above 2048 px).
+    vae_tile_latent: decode in overlapping tiles of this latent size (auto: tiles of 128 above 2048 px, above
+      1024 px on chips under 24 GiB).
     sequence_shards: sequence-parallel shards per image (None: auto, see the class docstring; 1: off).
     output: "uint8" -> numpy (B, H, W, 3) uint8; "float" -> jax (B, H, W, 3) in [-1, 1].
     timings: if a dict is given, it receives seconds for encode / denoise / decode.

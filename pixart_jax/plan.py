@@ -10,7 +10,7 @@ What is planned (--what, default train,sample):
   train        the recipe's train step (train.step.jit_train_step) at the global batch.
   sample       the whole Pipeline call: the T5 encode (T5-XXL for the released models), the CFG denoising loop
                (diffusion.denoise.denoise) and the VAE decode, in tiles where the Pipeline tiles (above 2048 px,
-               models.vae_tiling); each stage with the other models' weights resident, and the pipeline's peak.
+               above 1024 px on chips under 24 GiB; models.vae_tiling); each stage with the other models' weights resident, and the pipeline's peak.
   encode, denoise, decode   one stage of it.
 --config configs/FILE.py[:ARG] takes the recipe's own preset and overrides, mesh, global batch (data.batch_size),
 dtype, param dtype, remat, scan, attention (model.attention), sharding rules, optimizer, EMA and grad_accum;
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--offload-text-encoder", action="store_true", help="--what sample: T5's weights on the device "
                   "only while encoding (Pipeline offload_text_encoder=True)")
   ap.add_argument("--vae-tile", default="auto", help="latent tile of the VAE decode: auto (as the Pipeline: 128 "
-                  "above 2048 px), none, or a size")
+                  "above 2048 px, above 1024 px on chips under 24 GiB), none, or a size")
   ap.add_argument("--cost", action="store_true", help="add the compiler's cost estimate (FLOPs, bytes, TPU "
                   "estimated seconds -> predicted step time and MFU); compiles each program a second time unrolled")
   ap.add_argument("--json", action="store_true", help="print one JSON document instead of text")
