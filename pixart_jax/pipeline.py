@@ -178,10 +178,10 @@ class Pipeline:
     from pixart_jax.convert.vae_keys import load_vae
 
     local = resolve_local(src, allow_patterns=None)
-    text = TextEncoder.from_pretrained(local, dtype=text_dtype or dtype, mesh=mesh, rules=rules, progress=progress,
-                                       offload=offload_text_encoder)  # first: a bad offload request fails fast
     dit = load_transformer(transformer or local, config=transformer_config, dtype=dtype, param_dtype=param_dtype,
                            attention=attention, mesh=mesh, rules=rules, progress=progress)
+    text = TextEncoder.from_pretrained(local, dtype=text_dtype or dtype, mesh=mesh, rules=rules, progress=progress,
+                                       offload=offload_text_encoder)
     vae = load_vae(local, dtype=vae_dtype)
     branch = None
     if controlnet is not None:

@@ -229,6 +229,9 @@ def main(argv):
     mesh = make_mesh(mesh_spec, devices=jax.local_devices())
   except ValueError as e:
     raise ValueError(f"--mesh {FLAGS.mesh}: {e} (this host has {jax.local_device_count()} devices)") from None
+  if FLAGS.offload_text_encoder and mesh.size > 1:
+    raise ValueError(f"--offload_text_encoder keeps T5 on the host for one device, but --mesh {FLAGS.mesh} spans "
+                     f"{mesh.size} devices: add --mesh data=1 (or drop --offload_text_encoder)")
   batch_size = FLAGS.batch_size or default_batch_size(mesh)
   last_seed = FLAGS.seed + (len(prompts) - 1) // batch_size
   checks.seed("--seed + the number of batches - 1 (the last batch's seed)", last_seed)

@@ -62,6 +62,9 @@ CLI_ROWS = [
     ("sample-no-prompt", "pixart_jax.sample", ["--model", "{pipe}"], "no prompt: give --prompt"),
     ("sample-mesh-too-big", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--mesh", "data=3"],
      "--mesh data=3: mesh [('data', 3)] does not divide 8 devices (this host has 8 devices)"),
+    ("sample-offload-on-8-devices", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--offload_text_encoder"],
+     "--offload_text_encoder keeps T5 on the host for one device, but --mesh data=-1 spans 8 devices: add --mesh "
+     "data=1"),
     ("sample-mesh-axis", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--mesh", "rows=2"],
      "--mesh 'rows=2': unknown mesh axes ['rows']"),
     ("sample-mesh-garbage", "pixart_jax.sample", ["--model", "{pipe}", *PROMPT, "--mesh", "data"],
