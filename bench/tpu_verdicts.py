@@ -131,6 +131,7 @@ def jobs() -> list[Job]:
 def run_job(job: Job) -> dict:
   from jax.experimental import topologies
 
+  from pixart_jax.data import buckets
   from pixart_jax.models.attention_backends import AttentionOptions
   from pixart_jax.models.config import from_preset
   from pixart_jax.parallel import planning, sampling_plans
@@ -155,7 +156,7 @@ def run_job(job: Job) -> dict:
     p = planning.plan_train(work, mesh, optimizer=optimizer, cost=job.cost)
     return dict(job=dataclasses.asdict(job), plans=[p.as_dict()], seconds=time.perf_counter() - t)
   cfg = from_preset(job.preset)
-  h, w = sampled_size(cfg, h, w)  # what the Pipeline samples for this request (resolution binning, its default)
+  h, w = buckets.binned_size(h, w, cfg.sample_size)  # what the Pipeline samples (resolution binning, its default)
   work = planning.Workload(cfg, (h // 8, w // 8), 1, attention=AttentionOptions(
       sequence_parallel=job.sequence_parallel))
   t5, vae = sampling_plans.pipeline_models(cfg)
@@ -173,14 +174,6 @@ def run_job(job: Job) -> dict:
   return dict(job=dataclasses.asdict(job), plans=[p.as_dict() for p in stages], sampled=[w, h],
               pipeline=sampling_plans.pipeline_summary(stages), seconds=time.perf_counter() - t)
 
-
-def sampled_size(cfg, height: int, width: int) -> tuple[int, int]:
-  """(height, width) px the Pipeline samples a `height` x `width` request at: the closest aspect-ratio bucket of
-  the checkpoint's table (`use_resolution_binning`, the default), e.g. 3840x2160 -> 5376x3072 with the 4K model
-  (every bucket of a table has about the same area)."""
-  from pixart_jax.data import buckets
-
-  return buckets.classify_height_width_bin(height, width, buckets.bin_table_for_sample_size(cfg.sample_size))
 
 
 STAGES: dict[str, dict] = {}  # "encode|slice|mesh" -> a Plan's fields (shared through the cache file)

@@ -45,7 +45,7 @@ from pixart_jax.models.attention_backends import AttentionOptions
 from pixart_jax.models.dit import PixArtSigma
 from pixart_jax.models.text_encoder import TextEncoder
 from pixart_jax.models.vae import AutoencoderKL
-from pixart_jax.parallel import sampling_layout
+from pixart_jax.parallel import chips, sampling_layout
 from pixart_jax.parallel.sharding import LOGICAL_RULES, batch_sharding, shard_model, state_shardings
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ class Pipeline:
     return sampling_layout.choose(self.mesh, batch, (sample_height // unit, sample_width // unit), ratios,
                                   sample_height, sample_width, sequence=sequence_shards,
                                   vae_tile_latent=vae_tile_latent,
-                                  device_bytes=sampling_layout.device_memory(list(devices)))
+                                  device_bytes=chips.device_memory(list(devices)))
 
   def _placement(self, shards: int) -> tuple[jax.sharding.Mesh | None, object]:
     """(mesh, DiT state) for `shards` sequence shards: the Pipeline's own, or its mesh re-cut with the DiT state
@@ -265,10 +265,7 @@ class Pipeline:
     checks.positive("height (pixels)", height)
     checks.positive("width (pixels)", width)
     if use_resolution_binning:
-      table = buckets.bin_table_for_sample_size(cfg.sample_size)
-      buckets.check_request(height, width, table)
-      bh, bw = buckets.classify_height_width_bin(height, width, table)
-      return bh, bw, height, width
+      return (*buckets.binned_size(height, width, cfg.sample_size), height, width)
     unit = f * cfg.patch_size
     if height % unit or width % unit:
       raise ValueError(f"height and width must be multiples of {unit} without resolution binning; got "

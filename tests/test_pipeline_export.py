@@ -57,3 +57,32 @@ def test_failed_re_export_keeps_the_earlier_one(tmp_path, monkeypatch):
   monkeypatch.undo()
   export_pipeline(ours.transformer, base, out, overwrite=True)
   assert snapshot() == before  # same weights: the same files, and no staging leftovers
+
+
+def test_export_never_deletes_what_it_did_not_write(tmp_path):
+  """The staging / previous folders are cleared only in our own marked export and only when they hold what an
+  export puts there: a user's folder with such names is refused before anything is written (even with
+  overwrite=True), and a stranger's file inside our leftovers is refused, not deleted."""
+  base = make_tiny_pipeline(tmp_path / "base", seed=3)
+  ours = pj.Pipeline.from_pretrained(base, dtype=np.float32)
+
+  def tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+  user = tmp_path / "user"
+  (user / ".export-previous").mkdir(parents=True)
+  (user / ".export-previous" / "thesis.tex").write_text("years of work")
+  (user / ".export-staging").mkdir()
+  (user / ".export-staging" / "vae").write_text("not ours either")
+  before = tree(user)
+  with pytest.raises(FileExistsError, match="did not write"):
+    export_pipeline(ours.transformer, base, user, overwrite=True)
+  assert tree(user) == before
+  out = export_pipeline(ours.transformer, base, tmp_path / "export")
+  (out / ".export-previous").mkdir()
+  (out / ".export-previous" / "notes.txt").write_text("mine")
+  before = tree(out)
+  with pytest.raises(FileExistsError, match=r"holds entries no export wrote \(\['notes.txt'\]\)"):
+    export_pipeline(ours.transformer, base, out, overwrite=True)
+  assert tree(out) == before
+

@@ -15,7 +15,7 @@ from flax import nnx
 from pixart_jax.models import flops
 from pixart_jax.models.config import get_preset
 from pixart_jax.models.dit import PixArtSigma
-from pixart_jax.parallel import cost_estimate, planning, sampling_layout, sampling_plans
+from pixart_jax.parallel import chips, cost_estimate, planning, sampling_layout, sampling_plans
 from pixart_jax.parallel.mesh import make_mesh
 from pixart_jax.plan import main as plan_main
 from pixart_jax.train.optimizers import OptimizerConfig
@@ -221,9 +221,9 @@ def test_planner_decode_tiling_is_the_pipelines(width, height):
 def test_device_memory_by_chip():
   from types import SimpleNamespace as D
 
-  assert sampling_layout.device_memory([D(device_kind="TPU v5 lite"), D(device_kind="TPU v5")]) == 16 * 2**30
-  assert sampling_layout.device_memory([D(device_kind="TPU v6 lite")]) == 32 * 2**30
-  assert sampling_layout.device_memory([D(device_kind="cpu")]) is None and sampling_layout.device_memory([]) is None
+  assert chips.device_memory([D(device_kind="TPU v5 lite"), D(device_kind="TPU v5")]) == 16 * 2**30
+  assert chips.device_memory([D(device_kind="TPU v6 lite")]) == 32 * 2**30
+  assert chips.device_memory([D(device_kind="cpu")]) is None and chips.device_memory([]) is None
   assert sampling_layout.vae_tiling(2048, 1536, device_bytes=16 * 2**30) == (128, 32)
   assert sampling_layout.vae_tiling(2048, 1536, device_bytes=32 * 2**30) == (None, 0)
   assert sampling_layout.vae_tiling(1024, 1024, device_bytes=16 * 2**30) == (None, 0)

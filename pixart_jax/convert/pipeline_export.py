@@ -23,6 +23,27 @@ SCHEDULER_CONFIG = {
     "timestep_spacing": "linspace", "thresholding": False, "use_karras_sigmas": False,
 }
 _COMPONENTS = ("text_encoder", "tokenizer", "vae")
+_SWAPPED = (*_COMPONENTS, "scheduler", "transformer")  # what an export builds aside and swaps in
+
+
+def _clear_leftovers(out: pathlib.Path, stage: pathlib.Path, old: pathlib.Path) -> None:
+  """Leftovers of an interrupted export of ours in `out`: an unfinished build (`stage`) is removed; components a
+  swap had moved aside (`old`) are the earlier export and go back where the output lacks them. Either folder
+  holding anything an export does not write there is refused (one line) and nothing is touched."""
+  for d in (stage, old):
+    if d.is_symlink() or (d.exists() and not d.is_dir()):
+      raise FileExistsError(f"{d} is not a folder an export left: move it out of {out}")
+    foreign = sorted(e.name for e in d.iterdir() if e.name not in _SWAPPED) if d.is_dir() else []
+    if foreign:
+      raise FileExistsError(f"{d} holds entries no export wrote ({foreign[:3]}): they are never deleted; move "
+                            f"them out of {out} and export again")
+  if old.exists():
+    for c in old.iterdir():
+      if not (out / c.name).exists():
+        os.replace(c, out / c.name)
+    shutil.rmtree(old)
+  if stage.exists():
+    shutil.rmtree(stage)
 
 
 def export_pipeline(transformer, base: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -41,13 +62,7 @@ def export_pipeline(transformer, base: str | os.PathLike, out_dir: str | os.Path
   # everything is built in a staging folder inside our marked folder and swapped in at the end, so a failed
   # export leaves an earlier export whole
   stage, old = out / ".export-staging", out / ".export-previous"
-  if old.exists():  # a swap of ours was interrupted: what it had moved aside is the earlier export; put it back
-    for c in old.iterdir():
-      if not (out / c.name).exists():
-        os.replace(c, out / c.name)
-    shutil.rmtree(old)
-  if stage.exists():  # an unfinished build of ours
-    shutil.rmtree(stage)
+  _clear_leftovers(out, stage, old)
   stage.mkdir()
   try:
     for c in _COMPONENTS:
@@ -68,7 +83,7 @@ def export_pipeline(transformer, base: str | os.PathLike, out_dir: str | os.Path
                  ("vae", ["diffusers", "AutoencoderKL"])):
     index.setdefault(c, cls)
   old.mkdir()
-  for c in (*_COMPONENTS, "scheduler", "transformer"):
+  for c in _SWAPPED:
     if (out / c).exists():
       os.replace(out / c, old / c)
     os.replace(stage / c, out / c)

@@ -223,3 +223,12 @@ def bin_table_for_sample_size(sample_size: int) -> str:
         f"no resolution-binning table for sample_size {sample_size}; known: "
         f"{sorted(_BIN_FOR_SAMPLE_SIZE)}")
   return _BIN_FOR_SAMPLE_SIZE[sample_size]
+
+
+def binned_size(height: int, width: int, sample_size: int) -> tuple[int, int]:
+  """(H, W) a pipeline with transformer `sample_size` samples a height x width request at (resolution binning,
+  `bin_table_for_sample_size`); the request is checked first (`check_request`). E.g. 3840x2160 -> 5376x3072 with a
+  4K model (every bucket of a table has about the same area)."""
+  table = bin_table_for_sample_size(sample_size)
+  check_request(height, width, table)
+  return classify_height_width_bin(height, width, table)

@@ -35,7 +35,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import AxisType, PartitionSpec as P
 
 from pixart_jax.enums import ParsedEnum
-from pixart_jax.models.blockwise_attention import MASK_VALUE as _MASK_VALUE, blockwise_local, round_up
+from pixart_jax.models.blockwise_attention import BLOCK_KV, BLOCK_Q, MASK_VALUE as _MASK_VALUE, blockwise_local, round_up
 from pixart_jax.parallel.sharding import batch_spec, dim_spec
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,8 @@ class AttentionOptions:
   block_sizes: SplashBlockSizes = SplashBlockSizes()
   interpret: bool | None = None
   sequence_parallel: bool = False
-  blockwise_block_q: int = 4096
-  blockwise_block_kv: int = 1024
+  blockwise_block_q: int = BLOCK_Q
+  blockwise_block_kv: int = BLOCK_KV
 
   def __post_init__(self):
     object.__setattr__(self, "backend", AttentionBackend.parse(self.backend))

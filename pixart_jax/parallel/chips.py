@@ -33,6 +33,13 @@ CHIPS: tuple[Chip, ...] = (
 BY_NAME: dict[str, Chip] = {c.name: c for c in CHIPS}
 
 
+def device_memory(devices) -> float | None:
+  """The smallest memory per device (bytes) among `devices` (`jax.Device`s, real or from a TPU topology) by their
+  chip, or None when one is not a tabulated accelerator (a CPU) or there are none."""
+  sizes = [getattr(chip_of(getattr(d, "device_kind", "")), "hbm_bytes", None) for d in devices]
+  return None if not sizes or None in sizes else min(sizes)
+
+
 def chip_of(device_kind: str) -> Chip | None:
   """The chip of a `jax.Device.device_kind`, or None (a CPU, an unknown accelerator)."""
   kind = device_kind.lower()

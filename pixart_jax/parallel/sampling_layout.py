@@ -18,9 +18,9 @@ The rule (the `Pipeline` applies it to every call; `plan --what sample` can appl
   * VAE tiling: the decode runs in overlapping `VAE_TILE_LATENT` latent tiles (overlap a quarter of a tile) when
     the sampled image is larger than `VAE_TILE_ABOVE_PX` pixels on a side (an untiled SDXL decoder at 4096 x 4096
     holds tens of GiB of activations), or larger than `SMALL_CHIP_TILE_ABOVE_PX` on a chip with less than
-    `SMALL_CHIP_BYTES` of memory (`device_memory`; a 16 GiB v5e, the Colab chip: the untiled 2048 x 2048 decode
-    peaks at 19.6 GiB there, the tiled one at 13.8 GiB, bench/results/tpu_verdicts.md); below that it is one
-    jitted program.
+    `SMALL_CHIP_BYTES` of memory (`chips.device_memory`; a 16 GiB v5e, the Colab chip: the untiled 2048 x 2048
+    decode peaks at 19.6 GiB there, the tiled one at 13.6 GiB, bench/results/tpu_verdicts.md); below that it is
+    one jitted program.
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pixart_jax.parallel import context
-from pixart_jax.parallel.chips import chip_of
 from pixart_jax.parallel.mesh import MESH_AXES
 
 SP_MIN_TOKENS = 4096  # 1024 x 1024 px at patch 2 (64 x 64 tokens)
@@ -81,13 +80,6 @@ def sequence_shards(mesh_shape: Mapping[str, int], batch: int, grid: tuple[int, 
   return best
 
 
-def device_memory(devices: Sequence) -> float | None:
-  """The smallest memory per device (bytes) among `devices` (`jax.Device`s, real or from a TPU topology) by their
-  chip (`parallel.chips`), or None when a device is not a tabulated accelerator (a CPU)."""
-  sizes = [getattr(chip_of(getattr(d, "device_kind", "")), "hbm_bytes", None) for d in devices]
-  return None if not sizes or None in sizes else min(sizes)
-
-
 def vae_tiling(height: int, width: int, *, tile_latent: int | None = None,
                device_bytes: float | None = None) -> tuple[int | None, int]:
   """(latent tile side or None, overlap) for decoding a `height` x `width` px sample on devices of `device_bytes`
@@ -104,7 +96,7 @@ def choose(mesh: Mesh | None, batch: int, grid: tuple[int, int], kv_ratios: Sequ
            device_bytes: float | None = None) -> SamplingLayout:
   """The layout of one request: `batch` images sampled at `height` x `width` px (token `grid`). `sequence` forces
   the shard count (1: off; it must divide the mesh's `data` axis), `vae_tile_latent` the decode tile;
-  device_bytes: memory per device (`device_memory`) for the small-chip tiling rule."""
+  device_bytes: memory per device (`chips.device_memory`) for the small-chip tiling rule."""
   tile, overlap = vae_tiling(height, width, tile_latent=vae_tile_latent, device_bytes=device_bytes)
   shape = dict(mesh.shape) if mesh is not None else {}
   if sequence is None:  # auto; a mesh not laid out as `make_mesh` does (other axis names) is used as given

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pixart_jax.models import flops as flops_lib
 from pixart_jax.models.config import DiTConfig
 from pixart_jax.models.spec import abstract
-from pixart_jax.parallel import cost_estimate, sampling_layout
+from pixart_jax.parallel import chips, cost_estimate, sampling_layout
 from pixart_jax.parallel import sharding as sharding_lib
 from pixart_jax.parallel.planning import (Plan, Workload, compile_on, count_params, memory_of, per_device_bytes,
                                           sharded_abstract)
@@ -82,8 +82,8 @@ def plan_sample(work: Workload, mesh: Mesh, sampler: str = "dpm-solver",
 def pipeline_tile(height_px: int, width_px: int, devices=()) -> int | None:
   """The latent tile size the Pipeline decodes a `height_px` x `width_px` image with on `devices` (None: untiled):
   the Pipeline's own rule, `sampling_layout.vae_tiling` (with the small-chip rule when the devices are chips of
-  less memory, `sampling_layout.device_memory`)."""
-  return sampling_layout.vae_tiling(height_px, width_px, device_bytes=sampling_layout.device_memory(list(devices)))[0]
+  less memory, `chips.device_memory`)."""
+  return sampling_layout.vae_tiling(height_px, width_px, device_bytes=chips.device_memory(list(devices)))[0]
 
 
 def pipeline_models(cfg: DiTConfig):

@@ -56,7 +56,8 @@ def make_sample_fn(sample_cfg, spec: ModelSpec, graphdef, mesh, rules, caption_l
   # Host values, then replicated over the whole mesh (global arrays: valid inputs on every process).
   replicate = lambda a: jax.device_put(np.asarray(a), NamedSharding(mesh, PartitionSpec()))  # noqa: E731
   # prompts and "" at one caption length: the bucket of the longest prompt (`caption_bucket`; the pads are masked)
-  emb, mask = text.encode_prompts(prompts + [""] * len(prompts), max_length=caption_len, trim=True)
+  # "" once: the guidance broadcasts a batch-1 negative (`guidance.cfg_model_fn`)
+  emb, mask = text.encode_prompts(prompts + [""], max_length=caption_len, trim=True)
   n = len(prompts)
   cond, uncond = (replicate(emb[:n]), replicate(mask[:n])), (replicate(emb[n:]), replicate(mask[n:]))
   del text
